@@ -96,3 +96,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     model = build_model(payload["family"], config)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), config, payload
+
+
+# The inference contract each family class implements (used by the kernel and by the
+# out-of-fold prediction of training; see docs/ARCHITECTURE.md):
+#   stage 1: Family.infer(models, config, study, device) -> keypoints.Keypoints
+#   stage 2: Family.infer(models, config, study, keypoints, device) -> np.ndarray (25, 3)
+#            logits, rows the family does not predict are NaN.
+# `models` is the list of fold models of one manifest entry (their outputs are averaged),
+# `study` a `study.Study` whose stacks hold uint8 pixels from `preprocess.normalize_study`.
