@@ -270,11 +270,7 @@ def predict_study(study, active: list[LoadedModel], manifest: Manifest, device,
 
 def _study_table(params: KernelParams) -> tuple[list[int], dict[int, dict[int, str]]]:
     path = Path(params.input_dir) / f"{params.split}_series_descriptions.csv"
-    table = competition.load_series_descriptions(path)
-    descriptions: dict[int, dict[int, str]] = {}
-    for row in table.itertuples(index=False):
-        descriptions.setdefault(int(row.study_id), {})[int(row.series_id)] = \
-            str(row.series_description)
+    descriptions = competition.series_by_study(competition.load_series_descriptions(path))
     study_ids = sorted(descriptions)
     if params.max_studies is not None:
         study_ids = study_ids[: int(params.max_studies)]

@@ -161,7 +161,8 @@ def manifest_from_dict(obj: dict, source: str = "manifest") -> Manifest:
 
 
 def manifest_to_dict(manifest: Manifest) -> dict:
-    return dataclasses.asdict(manifest)
+    """The JSON form (lists, not tuples) of a manifest."""
+    return json.loads(json.dumps(dataclasses.asdict(manifest)))
 
 
 def load_manifest(path: str | Path) -> Manifest:
