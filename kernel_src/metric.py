@@ -55,9 +55,12 @@ SPINAL_COLUMNS = np.array([i for i, c in enumerate(LABEL_COLUMNS) if c.startswit
 
 
 def weighted_log_loss(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> float:
-    """`sum_i w_i * -log p_i[y_i] / sum_i w_i`; y (n,) int class, probs (n, K) >= 0,
-    weights (n,) > 0. Rows are clipped to [EPS, 1 - EPS] then renormalised (sklearn)."""
+    """`sum_i w_i * -log p_i[y_i] / sum_i w_i`; y (n,) int class, weights (n,) > 0, probs
+    (n, K) >= 0, or (n,) P(class 1) of a binary loss. In the host's scikit-learn order:
+    clip to [EPS, 1 - EPS], then (binary) p -> [1 - p, p], then renormalise each row."""
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0 - EPS)
+    if p.ndim == 1:
+        p = np.stack([1.0 - p, p], axis=1)
     p = p / p.sum(axis=1, keepdims=True)
     nll = -np.log(p[np.arange(len(y)), y])
     return float(np.average(nll, weights=weights))
@@ -122,11 +125,7 @@ def score_arrays(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         y = labels[mask]
         out[group] = weighted_log_loss(y, probs[mask], weights[y]) if y.size else np.nan
     y, q, w = any_severe_spinal_inputs(labels, probs)
-    if y.size:
-        q = np.clip(q, EPS, 1.0 - EPS)
-        out["any_severe_spinal"] = weighted_log_loss(y, np.stack([1.0 - q, q], axis=1), w)
-    else:
-        out["any_severe_spinal"] = np.nan
+    out["any_severe_spinal"] = weighted_log_loss(y, q, w) if y.size else np.nan
     terms = [out[p] * (ANY_SEVERE_SCALAR if p == "any_severe_spinal" else 1.0) for p in PARTS]
     defined = [t for t in terms if not np.isnan(t)]
     if len(defined) < len(terms):
