@@ -139,7 +139,8 @@ def validate_submission(df: pd.DataFrame, study_ids: Sequence[int]) -> None:
                          f"{len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
     values = df[list(SUBMISSION_COLUMNS)]
     if not all(pd.api.types.is_float_dtype(t) or pd.api.types.is_integer_dtype(t) for t in values.dtypes):
-        raise ValueError(f"submission: non-numeric columns {values.dtypes.to_dict()}")
+        if len(values):  # a header-only CSV reads back as text columns
+            raise ValueError(f"submission: non-numeric columns {values.dtypes.to_dict()}")
     arr = values.to_numpy(dtype=np.float64)
     bad = ~np.isfinite(arr).all(axis=1) | (arr < 0).any(axis=1)
     bad |= ~(np.abs(arr.sum(axis=1) - 1.0) <= SUM_TOLERANCE)
