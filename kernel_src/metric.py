@@ -9,8 +9,8 @@
 - total = mean of the four parts (the last one scaled by `ANY_SEVERE_SCALAR` = 1.0).
 
 As the host's scikit-learn `log_loss` did, probabilities are clipped to [1e-15, 1 - 1e-15]
-and each row is renormalised to sum to 1 (the any_severe term uses the submitted `severe`
-values as they are, clipped). Unlabelled rows (grade code -1) are dropped before anything
+and each row is then renormalised to sum to 1 (so an entry above 1 counts as 1 - 1e-15;
+the any_severe term uses the submitted `severe` values as they are, clipped). Unlabelled rows (grade code -1) are dropped before anything
 else, so the any_severe max runs over a study's labelled spinal levels only and a study
 with no labelled spinal level is left out of that term.
 
