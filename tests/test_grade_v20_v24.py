@@ -287,3 +287,38 @@ def test_configs_reject_bad_values():
         grade_v20.V20Config(z_imgs=4)
     with pytest.raises(ValueError, match="axial_mode"):
         grade_v24.V24Config(axial_mode="lstm")
+
+
+def mirrored_study(study):
+    """The same study mirrored through the mid-sagittal plane (world x -> -x): slices are
+    re-sorted along +x, columns that ran along +x now run along -x."""
+    out = Study(study.study_id)
+    flip = np.array([-1.0, 1.0, 1.0])
+    for sid, series in study.series.items():
+        stacks = []
+        for st in series.stacks:
+            orientation = st.orientation * np.tile(flip, 2)
+            positions = st.positions * flip
+            normal = np.cross(orientation[:3], orientation[3:])
+            order = np.argsort(positions @ (normal if normal[np.argmax(abs(normal))] > 0
+                                            else -normal))
+            stacks.append(Stack(st.pixels[order].copy(), positions[order], orientation,
+                                st.pixel_spacing, st.instance_numbers[order]))
+        out.series[sid] = Series(series.study_id, sid, series.description, stacks)
+    return out
+
+
+@pytest.mark.parametrize("family,config", FAMILY_CASES)
+def test_mirror_inputs_equal_the_inputs_of_the_mirrored_study(family, config):
+    from kernel_src.models.grade_common import LR_SWAP
+
+    study, kp, _ = random_inputs(family, config, batch=1, seed=3)
+    kp.world[:] = np.random.default_rng(1).uniform(-8, 8, (25, 3))
+    mirrored_kp = Keypoints(kp.world[LR_SWAP] * [-1.0, 1.0, 1.0])
+    cls = registry.get_family(family)
+    expected = cls.mirror_inputs(config, cls.prepare_inputs(config, study, kp))
+    got = cls.prepare_inputs(config, mirrored_study(study), mirrored_kp)
+    assert set(got) == set(expected)
+    for key in got:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
+    assert any(got[k].any() for k in got if "valid" not in k)

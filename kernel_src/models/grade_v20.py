@@ -145,6 +145,15 @@ class V20:
         return {"crops": pixels, "valid": valid}
 
     @staticmethod
+    def mirror_inputs(config: V20Config, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs of the study mirrored left <-> right (labels follow
+        `grade_common.LR_SWAP`): the sagittal slice order of every crop is reversed (slices
+        run along world x) and, for foraminal, the left and right sequences are exchanged;
+        the in-plane image does not change."""
+        return {"crops": inputs["crops"][::-1, :, ::-1].copy(),
+                "valid": inputs["valid"][::-1].copy()}
+
+    @staticmethod
     def infer(models, config: V20Config, study: Study, keypoints: Keypoints,
               device="cpu") -> np.ndarray:
         """(25, 3) logits: the target's rows (mean over models and flip TTA), NaN elsewhere."""

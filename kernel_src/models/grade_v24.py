@@ -189,6 +189,16 @@ class V24:
         return {"axial": axial, "axial_valid": axial_valid, "sag": sag, "sag_valid": sag_valid}
 
     @staticmethod
+    def mirror_inputs(config: V24Config, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs of the study mirrored left <-> right (labels follow
+        `grade_common.LR_SWAP`): the canonical axial crops of the two sides are exchanged
+        (each side is already shown as a left side) and the sagittal slice order is
+        reversed (slices run along world x)."""
+        return {"axial": inputs["axial"][::-1].copy(),
+                "axial_valid": inputs["axial_valid"][::-1].copy(),
+                "sag": inputs["sag"][:, ::-1].copy(), "sag_valid": inputs["sag_valid"].copy()}
+
+    @staticmethod
     def infer(models, config: V24Config, study: Study, keypoints: Keypoints,
               device="cpu") -> np.ndarray:
         """(25, 3) logits: subarticular rows (mean over models and vertical-flip TTA of the
