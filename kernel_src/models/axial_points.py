@@ -1,0 +1,70 @@
+"""Conventions shared by the two axial keypoint families (`axial3d`, `axial_level`).
+
+- The 10 axial points: left subarticular at the 5 levels, then right subarticular
+  (`SUBARTICULAR`, indices into `schema.LABEL_COLUMNS`).
+- Unit coordinates: a pixel coordinate p on an axis of n pixels maps to u = (p + 0.5) / n,
+  so u does not change when the image is resized (pixel-centre convention, the one of
+  `F.interpolate(..., align_corners=False)`). A horizontal flip maps u to 1 - u.
+- Pixels enter the networks as float32 (v / 255 - 0.5) / 0.5 (Normalize(0.5, 0.5)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..schema import AXIAL_T2, LEVELS, N_LEVELS, label_index
+from ..study import Stack, Study
+
+SUBARTICULAR = np.array(
+    [label_index("left_subarticular_stenosis", lv) for lv in LEVELS]
+    + [label_index("right_subarticular_stenosis", lv) for lv in LEVELS]
+)
+N_POINTS = len(SUBARTICULAR)  # 10: left x 5 levels, right x 5 levels
+SWAP_SIDES = np.r_[np.arange(N_LEVELS, 2 * N_LEVELS), np.arange(N_LEVELS)]  # left <-> right
+
+
+def axial_stacks(study: Study) -> list[tuple[int, int, Stack]]:
+    """Every stack of every Axial T2 series: (series_id, stack index, stack), in series order."""
+    return [(s.series_id, k, st) for s in study.by_description(AXIAL_T2)
+            for k, st in enumerate(s.stacks)]
+
+
+def to_unit(p, n):
+    """Pixel coordinate(s) on an axis of n pixels -> unit coordinate(s) (pixel-centre)."""
+    return (np.asarray(p, dtype=np.float64) + 0.5) / n
+
+
+def from_unit(u, n):
+    """Unit coordinate(s) -> pixel coordinate(s) on an axis of n pixels."""
+    return np.asarray(u, dtype=np.float64) * n - 0.5
+
+
+def to_model_range(pixels) -> torch.Tensor:
+    """uint8 array or tensor -> float32 tensor in [-1, 1] (Normalize(0.5, 0.5))."""
+    t = torch.as_tensor(np.asarray(pixels)).float()
+    return (t / 255.0 - 0.5) / 0.5
+
+
+def resize_slices(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(S, H, W) uint8 -> (S, height, width) uint8, bilinear with antialiasing."""
+    t = torch.as_tensor(np.ascontiguousarray(pixels)).float()[:, None]
+    if t.shape[-2:] != (height, width):
+        t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return t[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def inside(n_slices: int, height: int, width: int, slice_index, x, y) -> np.ndarray:
+    """Whether pixel points (float slice index, x, y) lie within a stack's extent (bool)."""
+    s, x, y = (np.asarray(v, dtype=np.float64) for v in (slice_index, x, y))
+    return ((s >= -0.5) & (s <= n_slices - 0.5) & (x >= -0.5) & (x <= width - 0.5)
+            & (y >= -0.5) & (y <= height - 0.5))
+
+
+def neighbours_25d(volume: np.ndarray, index: int) -> np.ndarray:
+    """(S, H, W) -> (3, H, W): slices index-1, index, index+1 (clamped at the ends)."""
+    last = len(volume) - 1
+    picks = [min(max(index + d, 0), last) for d in (-1, 0, 1)]
+    return volume[picks]
