@@ -298,11 +298,19 @@ def _process(params, manifest, models, device, study_ids, descriptions, probs, g
              timings) -> dict:
     """The per-study loop; fills `probs` (N, 25, 3). Returns counts for the summary."""
     active, counts = list(models), {"fallback": 0, "partial": 0, "guard_priors": 0}
-    with _progress(len(study_ids)) as bar:
+    n = len(study_ids)
+    with _progress(n) as bar:
         wait = time.perf_counter()
         for index, item in enumerate(_loader(params, study_ids, descriptions)):
-            timings["read"] += time.perf_counter() - wait
+            now = time.perf_counter()
+            timings["read"] += now - wait
             timings["read_worker"] += item.read_s
+            active = _apply_guard(guard, now, index, n - index, active)
+            if guard.must_stop(now, active) or (bool(models) and not active):
+                counts["guard_priors"] = n - index
+                LOG.warning("time guard: priors for the last %d studies (from study %d)",
+                            n - index, item.study_id)
+                break
             notes = [item.error] if item.error else []
             model_s: dict[str, float] = {}
             if item.study is not None:
@@ -313,16 +321,8 @@ def _process(params, manifest, models, device, study_ids, descriptions, probs, g
                 except Exception as err:  # noqa: BLE001
                     notes.append(f"failed ({_describe(err)})")
             _log_study(item.study_id, probs[index], notes, counts)
-            now = time.perf_counter()
-            guard.observe(now - wait - sum(model_s.values()), model_s)
+            guard.observe(time.perf_counter() - wait - sum(model_s.values()), model_s)
             bar.update(1)
-            active = _apply_guard(guard, now, index + 1, len(study_ids), active)
-            stop = guard.must_stop(now, active) or (bool(models) and not active)
-            if stop and index + 1 < len(study_ids):
-                counts["guard_priors"] = len(study_ids) - index - 1
-                LOG.warning("time guard: priors for the last %d studies (from study %d)",
-                            counts["guard_priors"], study_ids[index + 1])
-                break
             wait = time.perf_counter()
     counts["dropped"] = [m.entry.name for m in models if m not in active]
     return counts
