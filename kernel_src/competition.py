@@ -69,7 +69,7 @@ def parse_ids(df: pd.DataFrame, path: str | Path, column: str) -> np.ndarray:
     ok = values.str.fullmatch(_INT_RE).to_numpy(dtype=bool)
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        raise _error(path, _lines(df)[i], column, f"non-integer id {df[column].iloc[i]!r}")
+        raise _error(path, _lines(df)[i], column, f"non-integer id {df[column].iloc[i]!r} (expected digits only)")
     return values.astype(np.int64).to_numpy()
 
 
