@@ -8,6 +8,9 @@ training code imports it too. Add one import line per family module.
 from . import registry  # noqa: F401
 from . import grade_v20  # noqa: F401
 from . import grade_v24  # noqa: F401
+from . import grade_v2  # noqa: F401
 from . import keypoint_axial3d  # noqa: F401
 from . import keypoint_axial_level  # noqa: F401
+from . import keypoint_sag2d  # noqa: F401
+from . import keypoint_sag3d  # noqa: F401
 # isort: on
