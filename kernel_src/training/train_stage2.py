@@ -62,11 +62,11 @@ DEFAULTS: dict[str, Any] = {
 
 
 def default_model_name(config) -> str:
-    """The first `*backbone` field of a family config (the runs-layout folder name)."""
-    for f in dataclasses.fields(config):
-        if f.name.endswith("backbone"):
-            return str(getattr(config, f.name))
-    return "model"
+    """The runs-layout folder name: the first `*backbone` field of a family config, with
+    `_<target>` appended when the config has a `target` (v20's spinal / foraminal)."""
+    names = [f.name for f in dataclasses.fields(config)]
+    backbone = next((str(getattr(config, n)) for n in names if n.endswith("backbone")), "model")
+    return f"{backbone}_{config.target}" if "target" in names else backbone
 
 
 def family_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
