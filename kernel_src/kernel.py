@@ -43,7 +43,7 @@ from .manifest import (
 )
 from .models import zoo  # noqa: F401  (registers every model family)
 from .models.registry import config_from_dict, get_family, load_checkpoint
-from .schema import COMPETITION_SLUG, N_LABELS
+from .schema import COMPETITION_SLUG, LABEL_COLUMNS, N_LABELS
 
 LOG = logging.getLogger("kernel_src.kernel")
 DEFAULT_INPUT = f"/kaggle/input/{COMPETITION_SLUG}"
@@ -67,6 +67,7 @@ class KernelParams:
     manifest_path: str | None = None   # default: weights_dir / weights_manifest.json
     manifest_sha256: str | None = None  # the notebook pins the manifest it was built with
     warmup_studies: int = 3            # studies timed before the first forecast
+    debug_dir: str | None = None       # when set: keypoints.csv, logits.csv, timings.csv
 
 
 @dataclass
@@ -113,6 +114,41 @@ def _describe(err: BaseException) -> str:
 
 def _identity(item):
     return item
+
+
+class DebugRecords:
+    """Per-study records for scoring reports and pictures (`KernelParams.debug_dir`):
+    keypoints.csv (`Keypoints.to_rows` of the merged stage-1 points), logits.csv
+    (study_id, model, label, logit_0, logit_1, logit_2 per stage-2 model) and timings.csv
+    (study_id, step, stage, seconds; step "read" (stage 0) or a model name)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.keypoints: list[dict] = []
+        self.logits: list[dict] = []
+        self.timings: list[dict] = []
+
+    def add(self, study_id: int, read_s: float, record: dict, model_s: dict[str, float],
+            stages: dict[str, int]) -> None:
+        self.timings.append({"study_id": study_id, "step": "read", "stage": 0,
+                             "seconds": read_s})
+        self.timings += [{"study_id": study_id, "step": name, "stage": stages[name],
+                          "seconds": sec} for name, sec in model_s.items()]
+        if "keypoints" in record:
+            self.keypoints += record["keypoints"].to_rows(study_id)
+        for name, logits in record.get("logits", {}).items():
+            self.logits += [{"study_id": study_id, "model": name, "label": col,
+                             "logit_0": row[0], "logit_1": row[1], "logit_2": row[2]}
+                            for col, row in zip(LABEL_COLUMNS, logits, strict=True)]
+
+    def write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        columns = {"keypoints": ["study_id", "label", "x", "y", "z", "confidence", "source"],
+                   "logits": ["study_id", "model", "label", "logit_0", "logit_1", "logit_2"],
+                   "timings": ["study_id", "step", "stage", "seconds"]}
+        for name, cols in columns.items():
+            pd.DataFrame(getattr(self, name), columns=cols).to_csv(
+                self.out_dir / f"{name}.csv", index=False)
 
 
 class TimeGuard:
@@ -246,8 +282,10 @@ def _run_model(model: LoadedModel, study, keypoints, device, failures: list[str]
 
 
 def predict_study(study, active: list[LoadedModel], manifest: Manifest, device,
-                  timings: dict[str, float]) -> tuple[np.ndarray, dict, list[str]]:
-    """(25, 3) probabilities (NaN rows: nothing), per-model seconds, failure notes."""
+                  timings: dict[str, float], record: dict | None = None
+                  ) -> tuple[np.ndarray, dict, list[str]]:
+    """(25, 3) probabilities (NaN rows: nothing), per-model seconds, failure notes.
+    `record`, when given, receives the merged "keypoints" and the per-model "logits"."""
     failures: list[str] = []
     model_s: dict[str, float] = {}
     keypoints = Keypoints()
@@ -265,6 +303,8 @@ def predict_study(study, active: list[LoadedModel], manifest: Manifest, device,
     start = time.perf_counter()
     probs = ensemble.combine_manifest(logits, manifest)
     timings["ensemble"] += time.perf_counter() - start
+    if record is not None:
+        record.update(keypoints=keypoints, logits=logits)
     return probs, model_s, failures
 
 
@@ -295,7 +335,7 @@ def _progress(total: int):
 
 
 def _process(params, manifest, models, device, study_ids, descriptions, probs, guard,
-             timings) -> dict:
+             timings, debug: DebugRecords | None = None) -> dict:
     """The per-study loop; fills `probs` (N, 25, 3). Returns counts for the summary."""
     active, counts = list(models), {"fallback": 0, "partial": 0, "guard_priors": 0}
     n = len(study_ids)
@@ -313,13 +353,17 @@ def _process(params, manifest, models, device, study_ids, descriptions, probs, g
                 break
             notes = [item.error] if item.error else []
             model_s: dict[str, float] = {}
+            record: dict = {}
             if item.study is not None:
                 try:
                     probs[index], model_s, failures = predict_study(
-                        item.study, active, manifest, device, timings)
+                        item.study, active, manifest, device, timings, record)
                     notes += failures
                 except Exception as err:  # noqa: BLE001
                     notes.append(f"failed ({_describe(err)})")
+            if debug is not None:
+                debug.add(item.study_id, item.read_s, record, model_s,
+                          {m.entry.name: m.entry.stage for m in models})
             _log_study(item.study_id, probs[index], notes, counts)
             guard.observe(time.perf_counter() - wait - sum(model_s.values()), model_s)
             bar.update(1)
@@ -380,8 +424,11 @@ def run(params: KernelParams) -> pd.DataFrame:
     models = load_models(manifest, weights_dir, device)
     timings["load"] = time.perf_counter() - start
     probs = np.full((len(study_ids), N_LABELS, 3), np.nan)
+    debug = DebugRecords(params.debug_dir) if params.debug_dir else None
     counts = _process(params, manifest, models, device, study_ids, descriptions, probs,
-                      guard, timings)
+                      guard, timings, debug)
+    if debug is not None:
+        debug.write()
     out = submission.write_submission(params.output_path, study_ids, probs, priors)
     submission.validate_submission(out, study_ids)
     timings["total"] = time.perf_counter() - start
@@ -430,6 +477,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--split", default=defaults.split)
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--manifest", dest="manifest_path", default=None)
+    parser.add_argument("--debug-dir", dest="debug_dir", default=None,
+                        help="write keypoints.csv, logits.csv, timings.csv here")
     args = parser.parse_args(argv)
     return run(KernelParams(**vars(args)))
 
