@@ -55,17 +55,15 @@ def to_uint8(volume: np.ndarray) -> np.ndarray:
 
 def resize_volume(volume: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(S, H, W) float32 -> (S, H', W') with pixel-centre-aligned cv2 resizing."""
-    s, h, w = volume.shape
+    h, w = volume.shape[1:]
     if (h, w) == tuple(shape):
         return volume
     shrink = shape[0] <= h and shape[1] <= w  # INTER_AREA only when no axis grows
     interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    out = np.empty((s, *shape), dtype=np.float32)
-    for start in range(0, s, 512):  # cv2 takes at most 512 channels
-        chunk = np.ascontiguousarray(volume[start:start + 512].transpose(1, 2, 0))
-        resized = cv2.resize(chunk, (shape[1], shape[0]), interpolation=interp)
-        out[start:start + 512] = resized.reshape(*shape, -1).transpose(2, 0, 1)
-    return out
+    size = (shape[1], shape[0])  # cv2 wants (width, height)
+    # one slice at a time: cv2 rejects some interpolation modes for more than 4 channels
+    return np.stack([cv2.resize(np.ascontiguousarray(image), size, interpolation=interp)
+                     for image in volume]).astype(np.float32, copy=False)
 
 
 def resized_geometry(stack: Stack, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

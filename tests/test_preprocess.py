@@ -25,7 +25,7 @@ OBLIQUE[3:] -= OBLIQUE[:3] * (OBLIQUE[:3] @ OBLIQUE[3:])
 OBLIQUE[3:] /= np.linalg.norm(OBLIQUE[3:])
 
 
-def _ramp_stack(shape=(3, 24, 40), spacing=(0.7, 0.45), grad=(2.0, -1.0, 0.5)):
+def _ramp_stack(shape=(6, 24, 40), spacing=(0.7, 0.45), grad=(2.0, -1.0, 0.5)):
     """Oblique stack whose intensity is a linear function of world position."""
     positions = np.array([[4.0 * i - 5.0, -20.0, 30.0] for i in range(shape[0])])
     stack = Stack(np.zeros(shape, np.float32), positions, OBLIQUE.copy(),
@@ -43,7 +43,7 @@ def test_resize_keeps_world_geometry_and_content(target):
     resized = Stack(volume, positions, stack.orientation, spacing, stack.instance_numbers)
     # a world point keeps its world position through both pixel grids
     rng = np.random.default_rng(0)
-    world = pixel_to_world(stack, rng.uniform(0, 2, 50), rng.uniform(0, 39, 50),
+    world = pixel_to_world(stack, rng.uniform(0, 5, 50), rng.uniform(0, 39, 50),
                            rng.uniform(0, 23, 50))
     s0, x0, y0 = world_to_pixel(stack, world)
     s1, x1, y1 = world_to_pixel(resized, world)
