@@ -127,6 +127,20 @@ def test_v20_crop_size_is_resized_and_unusable_points_are_masked():
     assert not no_series["valid"].any() and not no_series["crops"].any()
 
 
+def test_points_just_beyond_the_last_slice_use_the_end_slices():
+    study = make_study()
+    stack = study.series[10].stacks[0]                 # 11 slices, 0..10
+    paint(stack, 10, 30, 30)
+    kp = Keypoints()
+    kp.set(0, sag_world(10.8, 30, 30), 1.0, "test")   # 0.3 slice beyond the half-slice edge
+    kp.set(1, sag_world(11.8, 30, 30), 1.0, "test")   # 1.3 slices beyond: masked
+    inputs = grade_v20.V20.prepare_inputs(v20_config(), study, kp)
+    assert inputs["valid"][0, :2].tolist() == [1, 0]
+    assert inputs["crops"][0, 0, 1].max() > 0.9
+    strict = grade_v20.V20.prepare_inputs(v20_config(slice_margin=0.0), study, kp)
+    assert strict["valid"][0, :2].tolist() == [0, 0]
+
+
 def test_v20_training_augmentation_jitters_within_bounds():
     study = make_study()
     stack = study.series[10].stacks[0]
@@ -136,7 +150,7 @@ def test_v20_training_augmentation_jitters_within_bounds():
     rng = np.random.default_rng(0)
     centres = []
     for _ in range(12):
-        crop = grade_v20.V20.prepare_inputs(v20_config(), study, kp, rng=rng, jitter_px=3)
+        crop = grade_v20.V20.prepare_inputs(v20_config(jitter_px=3.0), study, kp, rng=rng)
         centres.append(centroid(crop["crops"][0, 0, 1]))
     offsets = np.abs(np.array(centres) - 8)
     assert offsets.max() > 0.5          # something moved

@@ -36,6 +36,7 @@ from .roi_encoder import (
     crop_augmentation,
     normalise_unit,
     scatter_logits,
+    usable_point,
 )
 
 TARGETS = {
@@ -48,19 +49,23 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class V20Config:
-    """Everything that rebuilds a v20 model and its inputs. Pixel sizes refer to the
-    normalised study (`preprocess.normalize_study`)."""
+    """Everything that rebuilds a v20 model and its inputs. "px" sizes refer to the
+    normalised study (`preprocess.normalize_study`); the original's 128x128, 72x128 and
+    64x96 px windows were on 512-px slices (about 0.6 mm per pixel)."""
 
     target: str = "spinal"          # "spinal" (Sagittal T2) or "foraminal" (Sagittal T1)
     backbone: str = "convnext_small"
     pretrained: bool = False
     z_imgs: int = 3                 # slices per crop (3 or 5), centred on the point's slice
-    crop_h: int = 128               # crop height (rows) in pixels before resizing
-    crop_w: int = 128               # crop width (cols) in pixels before resizing
+    crop_h: float = 128.0           # crop window height (rows), in crop_unit
+    crop_w: float = 128.0           # crop window width (cols), in crop_unit
+    crop_unit: str = "px"           # "px" (pixels of the normalised study) or "mm"
     size: int = 128                 # crops resized to size x size
     slice_mode: str = "channels"    # "channels" (2.5D) or "gru" (per-slice encoder + GRU)
     dim: int = 256                  # crop feature width
     dropout: float = 0.1
+    slice_margin: float = 1.0       # points this many slices beyond the series still crop
+    jitter_px: float = 5.0          # training keypoint jitter (crop centre), pixels
     flip_tta: bool = True           # average with horizontally flipped crops at inference
 
     def __post_init__(self) -> None:
@@ -117,15 +122,15 @@ class V20:
 
     @staticmethod
     def prepare_inputs(config: V20Config, study: Study | None, keypoints: Keypoints,
-                       rng: np.random.Generator | None = None,
-                       jitter_px: float = 5.0) -> dict[str, np.ndarray]:
+                       rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         """Crops of one study -> {"crops": (n_seq, 5, z_imgs, size, size) float32 in [0, 1],
         "valid": (n_seq, 5) float32}.
 
         Each point is located in the target series' stacks (`crops.locate_point`); its
         `z_imgs` nearest slices are cropped around its (x, y). A NaN point, a missing series
-        or a point outside the image or slice range gives a masked crop (valid 0).
-        `rng` turns on training augmentation: centre jitter +-jitter_px, rotation +-10 deg,
+        or a point outside the image or more than `slice_margin` slices beyond the series
+        gives a masked crop (valid 0).
+        `rng` turns on training augmentation: centre jitter +-config.jitter_px, rotation +-10 deg,
         zoom +-10 %, and one horizontal flip (p 0.5) for the whole study.
         """
         series, conditions = TARGETS[config.target]
@@ -137,10 +142,10 @@ class V20:
         for i, condition in enumerate(conditions):
             for j, level in enumerate(schema.LEVELS):
                 world = keypoints.world[schema.label_index(condition, level)]
-                aug = crop_augmentation(rng, jitter_px, flip)
-                crop = crops.crop_at(crops.locate_point(stacks, world), config.z_imgs,
-                                     (config.crop_h, config.crop_w), out_hw,
-                                     require_in_range=True, aug=aug)
+                aug = crop_augmentation(rng, config.jitter_px, flip)
+                point = usable_point(crops.locate_point(stacks, world), config.slice_margin)
+                crop = crops.crop_at(point, config.z_imgs, (config.crop_h, config.crop_w),
+                                     out_hw, unit=config.crop_unit, aug=aug)
                 pixels[i, j], valid[i, j] = crop.pixels, float(crop.valid)
         return {"crops": pixels, "valid": valid}
 

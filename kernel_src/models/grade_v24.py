@@ -30,6 +30,7 @@ from torch import nn
 from .. import crops, geometry, schema
 from ..keypoints import Keypoints
 from ..study import Stack, Study
+from .grade_v2 import level_points
 from .registry import register_family
 from .roi_encoder import (
     SLICE_MODES,
@@ -39,6 +40,7 @@ from .roi_encoder import (
     crop_augmentation,
     normalise_unit,
     scatter_logits,
+    usable_point,
 )
 
 SIDES = ("left_subarticular_stenosis", "right_subarticular_stenosis")
@@ -46,23 +48,27 @@ SIDES = ("left_subarticular_stenosis", "right_subarticular_stenosis")
 
 @dataclass(frozen=True)
 class V24Config:
-    """Everything that rebuilds a v24 model and its inputs. Pixel sizes refer to the
-    normalised study (`preprocess.normalize_study`)."""
+    """Everything that rebuilds a v24 model and its inputs. "px" sizes refer to the
+    normalised study (`preprocess.normalize_study`); the original's windows were on 512-px
+    slices (about 0.6 mm per pixel)."""
 
     axial_backbone: str = "convnext_small"
     sag_backbone: str = "convnext_small"
     pretrained: bool = False
     z_imgs: int = 3                 # axial slices per crop (3 or 5)
-    crop_size: int = 128            # axial crop side in pixels before resizing
+    crop_size: float = 128.0        # axial crop window side, in crop_unit
     size: int = 128                 # axial crops resized to size x size
     axial_mode: str = "gru"         # "gru" (per-slice encoder + GRU) or "channels" (2.5D)
     sag_slices: int = 7             # sagittal T2 slices around the spinal point
-    sag_crop_h: int = 64
-    sag_crop_w: int = 128
+    sag_crop_h: float = 64.0        # sagittal crop window, in crop_unit
+    sag_crop_w: float = 128.0
+    crop_unit: str = "px"           # "px" (pixels of the normalised study) or "mm"
     sag_size_h: int = 64
     sag_size_w: int = 128
     dim: int = 128                  # features per branch; the head is Linear(2 * dim, 3)
     dropout: float = 0.1
+    slice_margin: float = 1.0       # points this many slices beyond a stack still crop
+    jitter_px: float = 5.0          # training keypoint jitter (crop centre), pixels
     flip_tta: bool = True           # average with vertically flipped axial crops
 
     def __post_init__(self) -> None:
@@ -123,12 +129,13 @@ def canonical_flips(stack: Stack, side: int) -> tuple[bool, bool]:
 
 
 def _axial_crop(config: V24Config, stacks: list[Stack], world, side: int,
-                rng: np.random.Generator | None, jitter_px: float) -> crops.Crop:
+                rng: np.random.Generator | None) -> crops.Crop:
     point = locate_axial_point(stacks, world)
     flip_x, flip_y = canonical_flips(point.stack, side) if point is not None else (False, False)
-    crop = crops.crop_at(point, config.z_imgs, (config.crop_size, config.crop_size),
-                         (config.size, config.size), require_in_range=True,
-                         aug=crop_augmentation(rng, jitter_px, flip_x))
+    crop = crops.crop_at(usable_point(point, config.slice_margin), config.z_imgs,
+                         (config.crop_size, config.crop_size), (config.size, config.size),
+                         unit=config.crop_unit,
+                         aug=crop_augmentation(rng, config.jitter_px, flip_x))
     return crops.Crop(np.ascontiguousarray(crop.pixels[:, ::-1]) if flip_y else crop.pixels,
                       crop.valid)
 
@@ -153,16 +160,16 @@ class V24:
 
     @staticmethod
     def prepare_inputs(config: V24Config, study: Study | None, keypoints: Keypoints,
-                       rng: np.random.Generator | None = None,
-                       jitter_px: float = 5.0) -> dict[str, np.ndarray]:
+                       rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         """Crops of one study -> {"axial": (2, 5, z_imgs, size, size), "axial_valid": (2, 5),
         "sag": (5, sag_slices, sag_size_h, sag_size_w), "sag_valid": (5,)}, float32,
         pixels in [0, 1], side 0 = left, 1 = right (mirrored: `canonical_flips`).
 
         Axial crops are centred on the subarticular points (stack: `locate_axial_point`),
-        sagittal crops on the level's spinal point in Sagittal T2/STIR. A NaN point, a
-        missing series or a point outside the image or slice range gives a masked crop
-        (valid 0). `rng` turns on training augmentation: centre jitter +-jitter_px,
+        sagittal crops on the level's spinal point in Sagittal T2/STIR (else the mean of its
+        known subarticular points: `grade_v2.level_points`). A NaN point, a
+        missing series or a point outside the image or more than `slice_margin` slices
+        beyond the stack gives a masked crop (valid 0). `rng` turns on training augmentation: centre jitter +-config.jitter_px,
         rotation +-10 deg, zoom +-10 %, one vertical flip of all axial crops (p 0.5).
         """
         axial_stacks = crops.series_stacks(study, schema.AXIAL_T2)
@@ -174,17 +181,18 @@ class V24:
         sag_hw = (config.sag_size_h, config.sag_size_w)
         sag = np.zeros((schema.N_LEVELS, config.sag_slices, *sag_hw), np.float32)
         sag_valid = np.zeros(schema.N_LEVELS, np.float32)
+        centres = level_points(keypoints)
         for j, level in enumerate(schema.LEVELS):
             for side, condition in enumerate(SIDES):
                 world = keypoints.world[schema.label_index(condition, level)]
-                crop = _axial_crop(config, axial_stacks, world, side, rng, jitter_px)
+                crop = _axial_crop(config, axial_stacks, world, side, rng)
                 axial[side, j] = crop.pixels[:, ::-1] if vflip else crop.pixels
                 axial_valid[side, j] = float(crop.valid)
-            world = keypoints.world[schema.label_index("spinal_canal_stenosis", level)]
-            crop = crops.crop_at(crops.locate_point(sag_stacks, world), config.sag_slices,
+            point = usable_point(crops.locate_point(sag_stacks, centres[j]), config.slice_margin)
+            crop = crops.crop_at(point, config.sag_slices,
                                  (config.sag_crop_h, config.sag_crop_w), sag_hw,
-                                 require_in_range=True,
-                                 aug=crop_augmentation(rng, jitter_px, False))
+                                 unit=config.crop_unit,
+                                 aug=crop_augmentation(rng, config.jitter_px, False))
             sag[j], sag_valid[j] = crop.pixels, float(crop.valid)
         return {"axial": axial, "axial_valid": axial_valid, "sag": sag, "sag_valid": sag_valid}
 

@@ -104,3 +104,14 @@ def crop_augmentation(rng: np.random.Generator | None, jitter_px: float,
         return crops.CropAug(flip_x=flip_x)
     aug = crops.CropAug.random(rng, shift_px=jitter_px, angle_deg=10.0, scale_range=0.1)
     return crops.CropAug(aug.shift_xy, aug.angle_deg, aug.scale, flip_x)
+
+
+def usable_point(point: crops.PlanePoint | None, slice_margin: float) -> crops.PlanePoint | None:
+    """`point` when it lies inside the image and at most `slice_margin` slice spacings
+    beyond the first or last slice (its crop then uses the end slices), else None (a
+    masked crop). Points on the edge of a short series are common (foramina on the last
+    sagittal slice); further away the slices would not show the structure."""
+    if point is None or not point.in_plane:
+        return None
+    n_slices = point.stack.shape[0]
+    return point if -0.5 - slice_margin <= point.z <= n_slices - 0.5 + slice_margin else None
