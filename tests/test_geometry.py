@@ -165,3 +165,71 @@ def test_label_points_world():
     resized = Study(1, {10: Series(1, 10, "Sagittal T1", [big])})
     again = label_points_world(resized, coords, source_shapes={(10, 0): (32, 32)})
     np.testing.assert_allclose(again, got, atol=1e-9)
+
+
+# ---- end to end on the phantom: every label coordinate back to its truth landmark ----
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from kernel_src.synthetic.competition import generate_competition
+
+    out = tmp_path_factory.mktemp("phantom")
+    generate_competition(out, n_train=8, n_test=2, seed=3, size=64)
+    return out
+
+
+def _labelled(phantom, split):
+    from kernel_src import competition, schema
+
+    coords_csv = ("train_label_coordinates.csv" if split == "train"
+                  else "truth/test_label_coordinates.csv")
+    coords = competition.load_label_coordinates(phantom / coords_csv)
+    names = competition.series_by_study(competition.load_series_descriptions(
+        phantom / f"{split}_series_descriptions.csv"))
+    landmarks = pd.read_csv(phantom / "truth" / "landmarks.csv")
+    landmarks["label"] = (landmarks["condition"].map(schema.TITLE_TO_CONDITION) + "_"
+                          + landmarks["level"].map(schema.TITLE_TO_LEVEL))
+    return coords, names, landmarks.set_index(["study_id", "label"])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_phantom_labels_map_to_truth_landmarks(phantom, split):
+    """Through read_study and the geometry, each label lands on its landmark's nearest
+    slice, within 1 mm of the landmark in that slice's plane (the label is the landmark's
+    projection onto the slice, so the off-plane offset is at most half a slice gap)."""
+    from kernel_src.dicom import read_study
+
+    coords, names, landmarks = _labelled(phantom, split)
+    assert len(coords) > 20 * coords["study_id"].nunique()
+    for study_id, rows in coords.groupby("study_id"):
+        study = read_study(phantom / f"{split}_images", study_id, names[study_id])
+        world = label_points_world(study, rows)
+        truth = landmarks.loc[[(study_id, lab) for lab in rows["label"]], ["x", "y", "z"]]
+        for point, target, row in zip(world, truth.to_numpy(), rows.itertuples(), strict=True):
+            series = study.series[row.series_id]
+            stack_index, slice_index = instance_to_slice(series, row.instance_number)
+            stack = series.stacks[stack_index]
+            nearest, _, _, off_plane = project_to_stack(stack, target)
+            where = f"{split} study {study_id} {row.label}"
+            assert nearest == slice_index, where
+            error = point - target
+            in_plane = error - (error @ stack.normal) * stack.normal
+            assert np.linalg.norm(in_plane) < 1.0, where
+            assert abs(error @ stack.normal) == pytest.approx(off_plane, abs=1e-3), where
+
+
+def test_phantom_labels_through_the_cache(phantom, tmp_path):
+    """The cached, resized stacks give the same world points for the labels."""
+    from kernel_src.dicom import read_study
+    from kernel_src.preprocess import build_cache, load_cached_study, read_index, source_shapes
+
+    coords, names, _ = _labelled(phantom, "train")
+    assert build_cache(phantom, tmp_path, "train", size=48)["failed"] == 0
+    index = read_index(tmp_path, "train")
+    for study_id, rows in coords.groupby("study_id"):
+        raw = label_points_world(read_study(phantom / "train_images", study_id,
+                                            names[study_id]), rows)
+        cached = label_points_world(load_cached_study(tmp_path, "train", study_id, index),
+                                    rows, source_shapes(index, study_id))
+        np.testing.assert_allclose(cached, raw, atol=1e-6)
+        assert np.isfinite(raw).all()
