@@ -7,7 +7,7 @@
   keeps short runs from averaging in the random initialisation); validation uses the EMA;
 - after every epoch `valid_fn(ema_model) -> dict` with a `"score"` (lower is better); the best
   EMA weights go to `out_dir/<checkpoint_name>` through `models.registry.save_checkpoint`,
-  and `out_dir/last.pt` holds everything needed to resume (model, EMA, optimizer,
+  and `out_dir/<last_name>` holds everything needed to resume (model, EMA, optimizer,
   scheduler, scaler, epoch, history);
 - under `torchrun` (an initialised process group): DistributedDataParallel, the loader's
   DistributedSampler gets `set_epoch`, only rank 0 validates and writes, and the validation
@@ -52,7 +52,8 @@ class TrainConfig:
     grad_clip: float = 1.0          # max grad norm; 0 disables
     device: str = "cpu"
     resume: bool = True             # continue from out_dir/last.pt when present
-    checkpoint_name: str = "best.pt"
+    checkpoint_name: str = "best.pt"  # best EMA weights (registry checkpoint)
+    last_name: str = "last.pt"        # resume state
     log_every: int = 0              # print the loss every N steps (0: once per epoch)
 
 
@@ -235,7 +236,7 @@ def fit(model: nn.Module, train_loader: DataLoader, valid_fn: Callable[[nn.Modul
     ema = EMA(model, config.ema_decay)
     state = {"epoch": -1, "best_score": math.inf, "best_epoch": -1, "best_metrics": {},
              "history": []}
-    last_path = out_dir / "last.pt"
+    last_path = out_dir / config.last_name
     if config.resume and last_path.is_file():
         state = _resume(last_path, model, ema, optimizer, scheduler, scaler, device)
     start, ran = time.time(), 0
