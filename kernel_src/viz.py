@@ -213,9 +213,9 @@ def _label_at(canvas: np.ndarray, text: str, xy: tuple[float, float], colour, le
               ) -> None:
     """Text beside a marker: right of it, or left when `left` or when it would overflow."""
     (w, _), _ = cv2.getTextSize(text, FONT, 0.42, 3)
-    x = round(xy[0]) + TRUTH_RADIUS + 3
+    x = round(xy[0]) + TRUTH_RADIUS + 5
     if left or x + w > canvas.shape[1]:
-        x = max(0, round(xy[0]) - TRUTH_RADIUS - 3 - w)
+        x = max(0, round(xy[0]) - TRUTH_RADIUS - 5 - w)
     _text(canvas, text, (x, round(xy[1]) + 4), colour)
 
 
