@@ -111,10 +111,10 @@ def _paint_canal(p: _Painter, spine: Spine, u, q, j, ds) -> None:
         recess = _ellipsoid_sdf(u - side * d.recess_u, q - d.recess_q, ds, 4.5, 3.5, 9.0)
         sac = np.minimum(sac, recess)
     p.paint(sac, "csf")
-    profile = np.exp(-((ds / 5.0) ** 2))
-    flavum = sev["spinal_canal_stenosis"] * profile * 0.35 * 2 * d.canal_q
+    profile = np.exp(-((ds / 6.0) ** 2))
+    flavum = sev["spinal_canal_stenosis"] * profile * 0.38 * 2 * d.canal_q
     p.paint(_ellipse_sdf(u, qc - d.canal_q, 10.0, 0.2 + flavum), "ligament")
-    bulge = sev["spinal_canal_stenosis"] * profile * 0.55 * 2 * d.canal_q
+    bulge = sev["spinal_canal_stenosis"] * profile * 0.6 * 2 * d.canal_q
     p.paint(_ellipse_sdf(u, qc + d.canal_q + 1.0, 13.0, 1.0 + bulge), "annulus")
     for side, name in ((1.0, "left_subarticular_stenosis"), (-1.0, "right_subarticular_stenosis")):
         r = 0.3 + 6.0 * sev[name] * np.exp(-((ds / 7.0) ** 2))
