@@ -280,10 +280,10 @@ def _timed(name, delay, weight):
 def test_time_guard_drops_lowest_weight_model_and_finishes(tmp_path, caplog):
     ids = tuple(range(101, 109))
     data = write_tiny_competition(tmp_path / "comp", ids)
-    write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.4, 0.5),
+    write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.6, 0.5),
                                    _timed("fast", 0.0, 1.0)], n_folds=1)
     caplog.set_level(logging.INFO, logger="kernel_src.kernel")
-    budget = 2.5  # 8 studies x 0.4 s of "slow" alone would take 3.2 s
+    budget = 4.0  # 8 studies x 0.6 s of "slow" alone would take 4.8 s
     start = time.perf_counter()
     df = kernel.run(_params(data, tmp_path / "w", tmp_path / "sub.csv",
                             time_budget_s=budget, warmup_studies=2))
@@ -301,9 +301,9 @@ def test_time_guard_drops_lowest_weight_model_and_finishes(tmp_path, caplog):
 def test_time_guard_last_resort_is_priors_for_the_rest(tmp_path, caplog):
     ids = tuple(range(201, 207))
     data = write_tiny_competition(tmp_path / "comp", ids)
-    write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.5, 1.0)], n_folds=1)
+    write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.8, 1.0)], n_folds=1)
     caplog.set_level(logging.INFO, logger="kernel_src.kernel")
-    budget = 1.3
+    budget = 2.0  # 6 x 0.8 s would take 4.8 s
     start = time.perf_counter()
     df = kernel.run(_params(data, tmp_path / "w", tmp_path / "sub.csv",
                             time_budget_s=budget, warmup_studies=1))
