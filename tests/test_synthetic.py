@@ -13,7 +13,7 @@ import pytest
 
 from kernel_src import schema
 from kernel_src.synthetic.__main__ import main
-from kernel_src.synthetic.competition import generate_competition
+from kernel_src.synthetic.competition import coordinate_rows, generate_competition
 from kernel_src.synthetic.pathology import sample_grades
 from kernel_src.synthetic.render import render_stack
 from kernel_src.synthetic.study_plan import QUIRKS, plan_study
@@ -202,8 +202,16 @@ def test_every_quirk_is_drawn_for_some_seed():
         plan = plan_study(np.random.default_rng([5, k]), 1000 + k, 64, train=True)
         for q in plan.quirks:
             seen[q] += 1
-        assert {s.description for s in plan.series} == {
-            "Sagittal T1", "Sagittal T2/STIR", "Axial T2"} or "missing_series" in plan.quirks
+        present = {s.description for s in plan.series}
+        assert present == {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} or \
+            "missing_series" in plan.quirks
+        for s in plan.series:
+            n = sum(len(st.positions) for st in s.stacks)
+            assert 12 <= n <= 20 if s.description != "Axial T2" else 3 <= n <= 40, (k, n)
+        # every labelled landmark lies inside the field of view of its series
+        wanted = [i for i in range(25) if plan.coordinate_mask[i] and
+                  schema.CONDITION_SERIES[schema.CONDITIONS[i // 5]] in present]
+        assert len(coordinate_rows(plan)) == len(wanted), k
     assert set(seen) == set(QUIRKS)
     assert seen["missing_series"] < 20  # rare
 

@@ -66,7 +66,9 @@ class Spine:
     scale: size factor; lordosis: mm of anterior bow at `w_mid`; half_length: mm;
     disc_s: (7,) s of each disc centre (descending: cranial first);
     disc_height: (7,) mm; hydration: (7,) 0..1 (nucleus T2 brightness);
-    severity: (25,) 0..1 narrowing per label (schema.LABEL_COLUMNS order).
+    severity: (25,) 0..1 narrowing per label (schema.LABEL_COLUMNS order);
+    conus_s: s of the spinal cord's tip (mm); texture: (K, 5) smooth tissue texture
+    components in spine coordinates (frequency u, q, s in rad/mm, phase, amplitude).
     """
 
     rotation: np.ndarray
@@ -79,6 +81,8 @@ class Spine:
     disc_height: np.ndarray
     hydration: np.ndarray
     severity: np.ndarray
+    conus_s: float
+    texture: np.ndarray
 
     def slope(self, w: np.ndarray) -> np.ndarray:
         """dv_c/dw of the centre line."""
@@ -122,6 +126,9 @@ def sample_spine(rng: np.random.Generator, severity: np.ndarray) -> Spine:
         half_length=float(rng.uniform(95.0, 115.0)), disc_s=disc_s, disc_height=height,
         hydration=np.clip(1.0 - 0.9 * degeneration + rng.normal(0, 0.05, N_DISCS), 0.15, 1.0),
         severity=np.asarray(severity, dtype=np.float64),
+        conus_s=float(disc_s[FIRST_LABELLED] + rng.uniform(4.0, 24.0)),
+        texture=np.column_stack([rng.normal(0, 0.25, (4, 3)), rng.uniform(0, 2 * np.pi, 4),
+                                 rng.uniform(0.02, 0.05, 4)]),
     )
 
 

@@ -60,6 +60,7 @@ class _Painter:
         self.value = np.zeros(n, dtype=np.float32)
 
     def paint(self, sdf: np.ndarray, tissue: str, scale=1.0) -> None:
+        """Blend `tissue` (intensity times `scale`, scalar or per point) inside sdf < 0."""
         m = _ramp(sdf, self.edge)
         level = np.float32(TISSUES[tissue][self.col]) * scale
         self.value += m * (level - self.value)
@@ -72,17 +73,25 @@ def _nearest_disc(spine: Spine, s: np.ndarray):
     return j, s - centres[j]
 
 
-def _paint_soft_tissue(p: _Painter, u, q) -> None:
+def _paint_soft_tissue(p: _Painter, u, q, texture) -> None:
     p.paint(_ellipse_sdf(u, q + 45.0, 165.0, 125.0), "fat")
-    p.paint(_ellipse_sdf(u, q + 40.0, 150.0, 106.0), "muscle", 1.1)
+    p.paint(_ellipse_sdf(u, q + 40.0, 150.0, 106.0), "muscle", 1.1 * texture)
     p.paint(_ellipse_sdf(u, q + 95.0, 125.0, 62.0), "viscera")
     for side in (-1.0, 1.0):  # erector spinae, psoas: muscle inside a thin fat plane
         for cu, cq, ru, rq in ((26.0, 50.0, 22.0, 20.0), (37.0, -2.0, 13.0, 14.0)):
             p.paint(_ellipse_sdf(u - side * cu, q - cq, ru + 1.2, rq + 1.2), "fat")
-            p.paint(_ellipse_sdf(u - side * cu, q - cq, ru, rq), "muscle")
+            p.paint(_ellipse_sdf(u - side * cu, q - cq, ru, rq), "muscle", texture)
 
 
-def _paint_column(p: _Painter, spine: Spine, u, q, j, ds, sev_sc) -> None:
+def _texture(spine: Spine, u, q, s) -> np.ndarray:
+    """(N,) smooth multiplicative texture around 1 (sum of a few plane waves)."""
+    out = np.ones_like(u)
+    for fu, fq, fs, phase, amp in spine.texture.astype(np.float32):
+        out += amp * np.sin(fu * u + fq * q + fs * s + phase)
+    return out
+
+
+def _paint_column(p: _Painter, spine: Spine, u, q, j, ds, sev_sc, texture) -> None:
     """Vertebral bodies, endplates, discs (with the posterior bulge), posterior arch."""
     d = DIMS
     half_h = spine.disc_height.astype(np.float32)[j] / 2
@@ -92,14 +101,23 @@ def _paint_column(p: _Painter, spine: Spine, u, q, j, ds, sev_sc) -> None:
     p.paint(np.minimum(arch, spinous), "bone")
     body = _ellipse_sdf(u, q, d.body_u, d.body_q)
     p.paint(body - 0.3, "cortex")
-    p.paint(np.maximum(body + 1.5, half_h + 1.2 - np.abs(ds)), "marrow")
+    p.paint(np.maximum(body + 1.5, half_h + 1.2 - np.abs(ds)), "marrow", texture)
     bulge = _ellipsoid_sdf(u, q - d.body_q, ds, 13.0, 0.2 + sev_sc * 7.5, half_h + 2.0)
     p.paint(np.minimum(np.maximum(body - 0.6, np.abs(ds) - half_h), bulge), "annulus")
     nucleus = _ellipsoid_sdf(u, q + 1.0, ds, 0.6 * d.body_u, 0.55 * d.body_q, 0.7 * half_h)
     p.paint(nucleus, "nucleus", spine.hydration.astype(np.float32)[j])
 
 
-def _paint_canal(p: _Painter, spine: Spine, u, q, j, ds) -> None:
+def _paint_neural(p: _Painter, spine: Spine, u, qc, s) -> None:
+    """Spinal cord tapering to the conus above L1/L2, cauda equina roots below it."""
+    taper = np.sqrt(np.clip((s - spine.conus_s) / 15.0, 0.0, 1.0))
+    p.paint(_ellipse_sdf(u, qc + 0.5, 0.05 + 4.5 * taper, 0.05 + 3.5 * taper), "nerve")
+    for du, dq in ((-3.5, 3.0), (3.5, 3.0), (-6.5, 1.5), (6.5, 1.5), (0.0, 4.5)):
+        root = _ellipse_sdf(u - du, qc - dq, 0.9, 0.9)
+        p.paint(np.maximum(root, s - spine.conus_s), "nerve", 0.8)
+
+
+def _paint_canal(p: _Painter, spine: Spine, u, q, j, ds, s) -> None:
     """Epidural fat, dural sac and recesses, then the narrowing tissue that intrudes."""
     d = DIMS
     qc = q - d.canal_centre_q
@@ -111,6 +129,7 @@ def _paint_canal(p: _Painter, spine: Spine, u, q, j, ds) -> None:
         recess = _ellipsoid_sdf(u - side * d.recess_u, q - d.recess_q, ds, 4.5, 3.5, 9.0)
         sac = np.minimum(sac, recess)
     p.paint(sac, "csf")
+    _paint_neural(p, spine, u, qc, s)
     profile = np.exp(-((ds / 6.0) ** 2))
     flavum = sev["spinal_canal_stenosis"] * profile * 0.38 * 2 * d.canal_q
     p.paint(_ellipse_sdf(u, qc - d.canal_q, 10.0, 0.2 + flavum), "ligament")
@@ -141,9 +160,10 @@ def intensity(spine: Spine, world: np.ndarray, contrast: str, edge: float = 1.0)
     j, ds = _nearest_disc(spine, s)
     sev_sc = spine.disc_severity("spinal_canal_stenosis").astype(np.float32)[j]
     p = _Painter(len(u), contrast, edge)
-    _paint_soft_tissue(p, u, q)
-    _paint_column(p, spine, u, q, j, ds, sev_sc)
-    _paint_canal(p, spine, u, q, j, ds)
+    texture = _texture(spine, u, q, s)
+    _paint_soft_tissue(p, u, q, texture)
+    _paint_column(p, spine, u, q, j, ds, sev_sc, texture)
+    _paint_canal(p, spine, u, q, j, ds, s)
     _paint_foramina(p, spine, u, q, j, ds)
     return p.value
 

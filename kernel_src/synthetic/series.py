@@ -156,8 +156,9 @@ def plan_axial_block(rng: np.random.Generator, spine: Spine, landmarks: np.ndarr
     if len(levels) == 1:
         n_slices, spacing = int(rng.integers(3, 7)), rng.uniform(3.0, 4.0)
     else:
-        spacing = max(rng.uniform(3.5, 5.0), extent / 39.0)
-        n_slices = int(np.ceil(extent / spacing)) + 1
+        max_slices = 8 * len(levels)  # <= 40 per series whatever the layout
+        spacing = max(rng.uniform(3.5, 5.0), extent / (max_slices - 1))
+        n_slices = int(round(extent / spacing)) + 1
     centre = discs.mean(axis=0)
     centre = centre + normal * ((along.max() + along.min()) / 2 - centre @ normal)
     centre = centre + rng.normal(0, 5, 3) * (1 - np.abs(normal))
