@@ -186,6 +186,7 @@ def rerun_without(model: str, data_dir, weights_dir, out_dir, **kernel_kwargs) -
     if len(kept) == len(manifest.models):
         raise KeyError(f"{weights_dir}: no model {model!r} in the manifest")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = manifest_lib.save_manifest(out_dir / manifest_lib.MANIFEST_NAME,
                                       dataclasses.replace(manifest, models=kept))
     return run_kernel(Path(data_dir), weights_dir, out_dir, manifest_path=path, **kernel_kwargs)
