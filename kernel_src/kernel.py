@@ -213,9 +213,13 @@ class TimeGuard:
 
 
 def _resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; asking for cuda without one is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here")
+    return resolved
 
 
 def _inference(device: torch.device) -> contextlib.ExitStack:
@@ -412,11 +416,11 @@ def run(params: KernelParams) -> pd.DataFrame:
         raise ValueError(f"mode must be 'submit' or 'validate', got {params.mode!r}")
     if params.mode == "validate" and not params.labels_path:
         raise ValueError("validate mode needs labels_path (train.csv format)")
+    device = _resolve_device(params.device)
     manifest, weights_dir = check_manifest(params)
     guard = TimeGuard(params.time_budget_s, start, params.warmup_studies)
     priors = submission.load_priors(weights_dir / manifest.class_priors)
     study_ids, descriptions = _study_table(params)
-    device = _resolve_device(params.device)
     LOG.info("%d studies, %d models in the manifest, device %s", len(study_ids),
              len(manifest.models), device)
     timings = dict.fromkeys(("load", "read", "read_worker", "keypoints", "stage2",

@@ -371,3 +371,14 @@ def test_reader_workers_give_the_same_submission(data_dir, tmp_path):
                                  num_workers=2)
     b = kernel.run(params)
     np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-12)
+
+
+def test_bad_parameters_stop_before_any_work(data_dir, tmp_path):
+    write_weights(tmp_path / "w", STANDARD)
+    with pytest.raises(ValueError, match="mode must be"):
+        kernel.run(_params(data_dir, tmp_path / "w", tmp_path / "s.csv", mode="score"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            kernel.run(dataclasses.replace(
+                _params(data_dir, tmp_path / "w", tmp_path / "s.csv"), device="cuda"))
+    assert not (tmp_path / "s.csv").exists()
