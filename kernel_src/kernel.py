@@ -432,7 +432,10 @@ def run(params: KernelParams) -> pd.DataFrame:
     counts = _process(params, manifest, models, device, study_ids, descriptions, probs,
                       guard, timings, debug)
     if debug is not None:
-        debug.write()
+        try:
+            debug.write()
+        except OSError as err:  # debugging output never costs the submission
+            LOG.warning("debug records not written: %s", _describe(err))
     out = submission.write_submission(params.output_path, study_ids, probs, priors)
     submission.validate_submission(out, study_ids)
     timings["total"] = time.perf_counter() - start
