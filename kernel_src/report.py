@@ -206,7 +206,8 @@ def per_study_loss(codes: np.ndarray, probs: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- tables
 def timing_table(timings: pd.DataFrame, stages=("read", "keypoints", "stage2")) -> pd.DataFrame:
     """Seconds per study by stage (read = stage 0, keypoints = 1, stage2 = 2) and by model:
-    rows = the stage names then each model, columns total_s, per_study_s, max_study_s."""
+    rows = the stage names then "  stage: model", columns total_s, per_study_s (mean over
+    the studies), max_study_s."""
     n = timings["study_id"].nunique()
     per_study_stage = timings.pivot_table(index="study_id", columns="stage",
                                           values="seconds", aggfunc="sum").fillna(0.0)
@@ -214,9 +215,11 @@ def timing_table(timings: pd.DataFrame, stages=("read", "keypoints", "stage2")) 
     for k, name in enumerate(stages):
         col = per_study_stage[k] if k in per_study_stage else pd.Series(0.0, index=[0])
         rows[name] = (col.sum(), col.sum() / n, col.max())
-    for model, frame in timings[timings["stage"] > 0].groupby("step"):
-        rows[f"  {model}"] = (frame["seconds"].sum(), frame["seconds"].sum() / n,
-                              frame["seconds"].max())
+    models = timings[timings["stage"] > 0].sort_values(["stage", "step"], kind="stable")
+    for (stage, model), frame in models.groupby(["stage", "step"], sort=False):
+        rows[f"  {stages[stage]}: {model}"] = (frame["seconds"].sum(),
+                                               frame["seconds"].sum() / n,
+                                               frame["seconds"].max())
     table = pd.DataFrame(rows, index=["total_s", "per_study_s", "max_study_s"]).T
     return table
 

@@ -209,14 +209,24 @@ def zoom_window(stack: Stack, xy: np.ndarray, window_mm: float | None
     return int(lo[0]), int(lo[1]), int(lo[0] + size[0]), int(lo[1] + size[1])
 
 
-def _label_at(canvas: np.ndarray, text: str, xy: tuple[float, float], colour, left: bool
-              ) -> None:
-    """Text beside a marker: right of it, or left when `left` or when it would overflow."""
-    (w, _), _ = cv2.getTextSize(text, FONT, 0.42, 3)
+def _label_at(canvas: np.ndarray, text: str, xy: tuple[float, float], colour, left: bool,
+              taken: list[tuple[int, int, int, int]]) -> None:
+    """Text beside a marker: right of it, or left when `left` or when it would overflow;
+    moved down (then up) in steps of one line until it overlaps no box in `taken`, to
+    which its box (x0, y0, x1, y1) is added."""
+    (w, h), _ = cv2.getTextSize(text, FONT, 0.42, 3)
     x = round(xy[0]) + TRUTH_RADIUS + 5
     if left or x + w > canvas.shape[1]:
         x = max(0, round(xy[0]) - TRUTH_RADIUS - 5 - w)
-    _text(canvas, text, (x, round(xy[1]) + 4), colour)
+    base = round(xy[1]) + 4
+    for shift in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5):
+        y = base + shift * (h + 4)
+        box = (x, y - h - 2, x + w, y + 2)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                   for b in taken):
+            break
+    taken.append(box)
+    _text(canvas, text, (x, y), colour)
 
 
 def slice_panel(stack: Stack, slice_index: int, points: Sequence[PanelPoint], title: str,
@@ -247,11 +257,12 @@ def slice_panel(stack: Stack, slice_index: int, points: Sequence[PanelPoint], ti
     for i in sorted(range(len(points)), key=lambda k: points[k].kind != "truth"):
         draw_marker(canvas, (cx[i], cy[i]), points[i].level, points[i].kind)
     middle = float(np.median(cx)) if len(points) else 0.0
+    taken: list[tuple[int, int, int, int]] = []
     for i, p in enumerate(points):
         text = p.text + (f" off {off[i]:.0f}mm" if p.text and off[i] > 1.5 * gap else "")
         if text:
             _label_at(canvas, text, (cx[i], cy[i]), LEVEL_COLOURS[p.level],
-                      left=outward and cx[i] < middle - TRUTH_RADIUS)
+                      left=outward and cx[i] < middle - TRUTH_RADIUS, taken=taken)
     return with_title(canvas, title)
 
 

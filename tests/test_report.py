@@ -109,6 +109,8 @@ def test_keypoint_errors_and_timings_by_hand():
     table = report.timing_table(timings)
     assert table.loc["read", "per_study_s"] == 2.0 and table.loc["stage2", "total_s"] == 8.0
     assert table.loc["keypoints", "max_study_s"] == 4.0
+    assert table.loc["  keypoints: kp", "total_s"] == 6.0
+    assert list(table.index[3:]) == ["  keypoints: kp", "  stage2: g"]
 
 
 def test_submission_commands_use_the_cli_flags():
