@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,25 @@ def timing_table(timings: pd.DataFrame, stages=("read", "keypoints", "stage2")) 
                                                frame["seconds"].max())
     table = pd.DataFrame(rows, index=["total_s", "per_study_s", "max_study_s"]).T
     return table
+
+
+_LOGGED = re.compile(r"(\w+) ([0-9.]+) s \(([0-9.]+) s/study\)")
+
+
+def logged_timings(text: str) -> pd.DataFrame | None:
+    """Per-stage seconds from the kernel's summary log line ("timings: load 9.16 s (4.579
+    s/study), read ...") in `text` (e.g. a built notebook's executed JSON): rows = stage,
+    columns total_s, per_study_s; None when the line is absent. The fallback when a run
+    left no debug/timings.csv."""
+    found = []
+    for piece in reversed(text.split("; timings: ")[1:]):  # the last logged line first
+        found = _LOGGED.findall(piece.split("\\n")[0].split("\n")[0])
+        if found:
+            break
+    if not found:
+        return None
+    return pd.DataFrame([(k, float(t), float(p)) for k, t, p in found],
+                        columns=["stage", "total_s", "per_study_s"]).set_index("stage")
 
 
 def confusion_matrices(codes: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -425,7 +445,11 @@ CELLS = [
      "    print('no ablation:', err)"),
     ("markdown", "## Time per study and per stage\nSeconds, from the kernel's `debug/timings.csv` "
      "(read = DICOM read + normalisation in the loader)."),
-    ("code", "if run.timings is not None:\n    display(report.timing_table(run.timings))\nelse:\n"
+    ("code", "logged = run_dir / 'kernel_run.ipynb'\nif run.timings is not None:\n"
+     "    display(report.timing_table(run.timings))\n"
+     "elif logged.exists() and report.logged_timings(logged.read_text()) is not None:\n"
+     "    print('no debug/timings.csv; the stage totals from the kernel log:')\n"
+     "    display(report.logged_timings(logged.read_text()))\nelse:\n"
      "    print('no debug/timings.csv: the kernel did not write debug outputs')"),
     ("markdown", "## Confusion matrix per condition group"),
     ("code", "report.plot_confusions(report.confusion_matrices(run.codes, run.probs))\nplt.show()"),

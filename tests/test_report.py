@@ -151,3 +151,14 @@ def test_build_report_renders_html_with_embedded_images(tiny):
     errors = [o for c in executed.cells for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, json.dumps(errors)[:500]
+
+
+def test_logged_timings_parse_the_kernel_summary_line():
+    log = ("2026 INFO 3 studies; timings: %s\n"  # the kernel's source: no numbers
+           "2026 INFO wrote sub.csv: 2 studies; timings: load 9.16 s (4.579 s/study), "
+           "keypoints 6.36 s (3.182 s/study), total 21.15 s (10.577 s/study)\nnext line")
+    table = report.logged_timings(log)
+    assert list(table.index) == ["load", "keypoints", "total"]
+    assert table.loc["keypoints", "per_study_s"] == 3.182
+    assert table.loc["total", "total_s"] == 21.15
+    assert report.logged_timings("no summary here") is None
