@@ -96,7 +96,7 @@ def _paint_column(p: _Painter, spine: Spine, u, q, j, ds, sev_sc, texture) -> No
     d = DIMS
     half_h = spine.disc_height.astype(np.float32)[j] / 2
     arch = _ellipse_sdf(u, q - (d.canal_centre_q + 5.0), d.arch_u, d.arch_q)
-    spinous = np.maximum(np.abs(u) - 3.5, np.abs(q - d.canal_centre_q - 30.0) - 22.0)
+    spinous = np.maximum(np.abs(u) - 3.5, np.abs(q - d.canal_centre_q - 27.0) - 17.0)
     spinous = np.maximum(spinous, 5.5 - np.abs(ds))  # interspinous gap at the disc level
     p.paint(np.minimum(arch, spinous), "bone")
     body = _ellipse_sdf(u, q, d.body_u, d.body_q)

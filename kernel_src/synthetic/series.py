@@ -139,7 +139,7 @@ def plan_sagittal(rng: np.random.Generator, spine: Spine, landmarks: np.ndarray,
     shape = sample_shape(rng, size, square)
     probe = make_stack(centre, normal, row_hint, col_hint, 1, 1.0, shape, 1.0, 1.0)
     row, col = probe.orientation[:3], probe.orientation[3:]
-    pixel_mm = _pixel_mm(landmarks, centre, row, col, shape, rng.uniform(230, 300))
+    pixel_mm = _pixel_mm(landmarks, centre, row, col, shape, rng.uniform(210, 270))
     return make_stack(centre, normal, row_hint, col_hint, n_slices, spacing, shape, pixel_mm,
                       spacing * rng.uniform(0.8, 1.0))
 
