@@ -151,11 +151,18 @@ class DebugRecords:
                 self.out_dir / f"{name}.csv", index=False)
 
 
+def _steady_mean(seconds: list[float]) -> float:
+    """Mean without the first value when there are more (0 for none)."""
+    values = seconds[1:] if len(seconds) > 1 else seconds
+    return float(np.mean(values)) if values else 0.0
+
+
 class TimeGuard:
     """Forecasts the run's end from per-study timings and chooses what to drop.
 
     The forecast is elapsed + studies left x (mean overhead + mean time of each active
-    model). Models are dropped lowest manifest weight first, stage 2 before stage 1; the
+    model); the first study's times are left out of the means once there are others (they
+    hold one-off start-up costs: CUDA context, kernel autotuning). Models are dropped lowest manifest weight first, stage 2 before stage 1; the
     stage-1 point producers go only with the last stage-2 model. `reserve_s` is kept for
     writing (and scoring) the submission.
     """
@@ -176,9 +183,8 @@ class TimeGuard:
         """Expected seconds for one more study with these models (0 with none)."""
         if not active:
             return 0.0
-        overhead = float(np.mean(self.overhead_s)) if self.overhead_s else 0.0
-        return overhead + sum(float(np.mean(self.model_s.get(m.entry.name, [0.0])))
-                              for m in active)
+        return _steady_mean(self.overhead_s) + sum(
+            _steady_mean(self.model_s.get(m.entry.name, [])) for m in active)
 
     def forecast(self, now: float, n_left: int, active: list[LoadedModel]) -> float:
         return now + n_left * self.per_study(active)

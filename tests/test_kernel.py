@@ -328,8 +328,11 @@ def test_time_guard_plan_order_and_forecast():
         ["g_lo"], ["g_mid"], ["g_hi", "kp_a", "kp_b"]]
     guard = kernel.TimeGuard(budget_s=1000.0, start=0.0, warmup=2)
     times = {"kp_a": 1.0, "kp_b": 1.0, "g_hi": 2.0, "g_lo": 5.0, "g_mid": 1.0}
-    for _ in range(2):
-        guard.observe(0.5, times)
+    guard.observe(30.0, {name: 20.0 for name in times})  # first study: start-up costs
+    assert guard.per_study(models) == pytest.approx(130.0)
+    guard.observe(0.5, times)
+    assert guard.per_study(models) == pytest.approx(10.5), "the first study is left out"
+    guard.observe(0.5, times)
     assert guard.per_study(models) == pytest.approx(10.5)
     assert guard.plan(now=10.0, n_done=1, n_left=500, active=models) == [], "warm-up"
     # 100 studies left: 10 + 100 * 10.5 > 950 (= 1000 - reserve); without g_lo: 10 + 550 fits
