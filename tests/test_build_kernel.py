@@ -324,3 +324,23 @@ def test_built_notebook_runs_offline_and_matches_the_source(kaggle_mounts, tmp_p
     priors = submission.load_priors(m["weights"] / "class_priors.json")
     assert not np.allclose(source[cols].to_numpy().reshape(-1, 25, 3), priors), \
         "the models, not the priors, produced the submission"
+
+
+def test_wheels_cell_installs_a_missing_module_offline_only_from_the_wheels_dir(tmp_path):
+    """The notebook's install cell, in a throwaway venv with no network: a missing module
+    is installed from the bundled wheel; one already importable is left alone."""
+    wheels = tmp_path / "wheels"
+    _fake_wheel(wheels, name="kit_fake_dep", dist="kit_fake_dep", version="0.1")
+    venv = tmp_path / "venv"
+    subprocess.run([PY, "-m", "venv", str(venv)], check=True, timeout=300)
+    cell = bk._wheels_cell({"kit_fake_dep": "kit-fake-dep==0.1", "json": "json==0"}, "o/wheels")
+    script = tmp_path / "cell.py"
+    script.write_text(f"wheels_dir = {str(wheels)!r}\n" + cell +
+                      "\nimport kit_fake_dep\nprint('IMPORTED', kit_fake_dep.__name__)\n")
+    cmd, env = _offline([str(venv / "bin/python"), str(script)], tmp_path)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pip install ['kit-fake-dep==0.1'] -> exit code 0" in out.stdout
+    assert "IMPORTED kit_fake_dep" in out.stdout
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "all importable, nothing to install" in again.stdout
