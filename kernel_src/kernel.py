@@ -327,15 +327,27 @@ def _study_table(params: KernelParams) -> tuple[list[int], dict[int, dict[int, s
     return study_ids, descriptions
 
 
-def _loader(params: KernelParams, study_ids, descriptions) -> DataLoader:
+def read_studies(params: KernelParams, study_ids, descriptions):
+    """Yield a StudyItem per study, in order, read ahead by DataLoader workers; if the
+    workers break (a killed process), the rest is read in this process."""
     reader = StudyReader(Path(params.input_dir) / f"{params.split}_images", study_ids,
                          descriptions)
     extra = {}
     if params.num_workers > 0:
         # fork: the workers inherit the notebook's inlined modules
         extra = {"multiprocessing_context": "fork", "prefetch_factor": 2}
-    return DataLoader(reader, batch_size=None, shuffle=False, collate_fn=_identity,
-                      num_workers=params.num_workers, **extra)
+    loader = DataLoader(reader, batch_size=None, shuffle=False, collate_fn=_identity,
+                        num_workers=params.num_workers, **extra)
+    done = 0
+    try:
+        for item in loader:
+            done += 1
+            yield item
+    except Exception as err:  # noqa: BLE001
+        LOG.warning("reader workers failed after %d studies (%s); reading the rest in the "
+                    "main process", done, _describe(err))
+        for index in range(done, len(reader)):
+            yield reader[index]
 
 
 def _progress(total: int):
@@ -351,7 +363,7 @@ def _process(params, manifest, models, device, study_ids, descriptions, probs, g
     n = len(study_ids)
     with _progress(n) as bar:
         wait = time.perf_counter()
-        for index, item in enumerate(_loader(params, study_ids, descriptions)):
+        for index, item in enumerate(read_studies(params, study_ids, descriptions)):
             now = time.perf_counter()
             timings["read"] += now - wait
             timings["read_worker"] += item.read_s

@@ -385,3 +385,28 @@ def test_bad_parameters_stop_before_any_work(data_dir, tmp_path):
             kernel.run(dataclasses.replace(
                 _params(data_dir, tmp_path / "w", tmp_path / "s.csv"), device="cuda"))
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_killed_reader_worker_costs_nothing(data_dir, tmp_path, monkeypatch, caplog):
+    """A worker process that dies (say, out of memory) mid-run: the rest is read in the
+    main process and the submission equals the normal one."""
+    import os
+
+    from torch.utils.data import get_worker_info
+
+    write_weights(tmp_path / "w", STANDARD)
+    normal = kernel.run(_params(data_dir, tmp_path / "w", tmp_path / "a.csv"))
+    real = dicom.read_study
+
+    def dying(images_dir, study_id, descriptions):
+        if get_worker_info() is not None and study_id == 33:
+            os._exit(3)
+        return real(images_dir, study_id, descriptions)
+
+    monkeypatch.setattr(dicom, "read_study", dying)
+    caplog.set_level(logging.INFO, logger="kernel_src.kernel")
+    params = dataclasses.replace(_params(data_dir, tmp_path / "w", tmp_path / "b.csv"),
+                                 num_workers=1)
+    df = kernel.run(params)
+    assert "reader workers failed after 2 studies" in caplog.text
+    np.testing.assert_allclose(_probs(df), _probs(normal), atol=1e-12)
