@@ -200,6 +200,7 @@ mode = "submit"  # "submit" or "validate" (scores against labels_path)
 labels_path = None  # train.csv-format labels for validate mode
 num_workers = 2  # DataLoader workers reading the next studies
 split = "test"  # reads {{split}}_series_descriptions.csv and {{split}}_images/
+debug_dir = None  # str: also write keypoints.csv, logits.csv, timings.csv there (scoring)
 """
 
 
@@ -280,7 +281,7 @@ submission = run(KernelParams(
     input_dir=input_dir, weights_dir=weights_dir, wheels_dir=wheels_dir,
     output_path=output_path, device=device, time_budget_s=time_budget_s,
     max_studies=max_studies, mode=mode, labels_path=labels_path, num_workers=num_workers,
-    split=split, manifest_sha256=MANIFEST_SHA256))
+    split=split, manifest_sha256=MANIFEST_SHA256, debug_dir=debug_dir))
 submission.head()
 """
 
