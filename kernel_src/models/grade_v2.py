@@ -6,6 +6,7 @@ conditions in `schema.CONDITIONS` order):
   series is sampled at `n_sag_samples` evenly spaced slices; spinal and subarticular use
   T2/STIR samples [t2_start, t2_start + sag_slices), left foraminal T1 samples
   [t1_left_start, ...), right foraminal T1 [t1_right_start, ...) (index 0 = patient right);
+  with `sag_window="point"` the samples are centred on the point's slice instead;
   each crop (sag_crop_h x sag_crop_w `crop_unit`) is centred on that condition-level's
   point, the same (x, y) on every slice. sag_valid (L, C) float32.
 - axial (L, axial_slices, axial_channels, axial_size, axial_size): per level, the axial T2
@@ -63,6 +64,8 @@ class V2Config:
     t2_start: int = 2               # spinal + subarticular: T2 samples [2, 7)
     t1_left_start: int = 5          # left foraminal: T1 samples [5, 10)
     t1_right_start: int = 0         # right foraminal: T1 samples [0, 5)
+    sag_window: str = "fixed"       # "fixed": the sample windows above (the original);
+    #                                 "point": sag_slices samples centred on the point's slice
     sag_crop_h: float = 128.0       # sagittal crop window, in crop_unit
     sag_crop_w: float = 128.0
     sag_size: int = 128             # sagittal crops resized to sag_size x sag_size
@@ -83,6 +86,8 @@ class V2Config:
         if any(s < 0 or s + self.sag_slices > self.n_sag_samples for s in starts):
             raise ValueError(f"V2Config: sagittal windows {starts} + {self.sag_slices} "
                              f"exceed n_sag_samples={self.n_sag_samples}")
+        if self.sag_window not in ("fixed", "point"):
+            raise ValueError(f"V2Config.sag_window {self.sag_window!r}: 'fixed' or 'point'")
         if self.axial_center not in ("image", "point"):
             raise ValueError(f"V2Config.axial_center {self.axial_center!r}: 'image' or 'point'")
         if self.axial_channels < 1 or self.axial_channels % 2 == 0:
@@ -141,6 +146,19 @@ def sagittal_sources(config: V2Config) -> list[tuple[str, int]]:
             (schema.SAG_T2, config.t2_start)]
 
 
+def sagittal_slices(config: V2Config, point: crops.PlanePoint, start: int) -> np.ndarray:
+    """(sag_slices,) slice indices of one sagittal crop: samples [start, start + sag_slices)
+    of `n_sag_samples` evenly spaced ones ("fixed"), or as many samples at the same spacing
+    centred on the point's slice ("point"), clamped to the stack."""
+    n_slices = point.stack.shape[0]
+    if config.sag_window == "fixed":
+        samples = crops.evenly_spaced_slices(n_slices, config.n_sag_samples)
+        return samples[start:start + config.sag_slices]
+    step = (n_slices - 1) / (config.n_sag_samples - 1)
+    offsets = (np.arange(config.sag_slices) - (config.sag_slices - 1) / 2) * step
+    return np.clip(np.rint(point.z + offsets), 0, n_slices - 1).astype(np.int64)
+
+
 def level_points(keypoints: Keypoints) -> np.ndarray:
     """(5, 3) world mm per level: the spinal point, else the mean of the known subarticular
     points (NaN when none); `crops.fill_level_points` fills the gaps later."""
@@ -160,8 +178,7 @@ def _sagittal(config: V2Config, study: Study | None, keypoints: Keypoints, rng, 
         stacks = crops.series_stacks(study, series)
 
         def pick(point, start=start):
-            samples = crops.evenly_spaced_slices(point.stack.shape[0], config.n_sag_samples)
-            return samples[start:start + config.sag_slices]
+            return sagittal_slices(config, point, start)
 
         for lv in range(L):
             point = crops.locate_point(stacks, keypoints.world[c * L + lv])

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "num_workers": 0,
     "device": "auto",
+    "num_threads": None,              # torch CPU threads (None: torch's default)
     "seed": 0,
     "max_studies": None,              # first N labelled studies only (smoke tests)
     "augment": {},                    # overrides of stage2_data.AugConfig
@@ -121,6 +122,8 @@ def train_fold(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"train_fold: unknown parameter(s) {unknown}")
     p = {**DEFAULTS, **params}
     torch.manual_seed(int(p["seed"]))
+    if p["num_threads"]:
+        torch.set_num_threads(int(p["num_threads"]))
     family = get_family(p["family"])
     config = config_from_dict(p["family"], dict(p["config"]))
     out_dir = Path(p["runs_dir"]) / p["family"] / (p["model_name"] or default_model_name(config))
@@ -178,4 +181,13 @@ NOTEBOOKS: list[NotebookSpec] = [
     notebook_spec("v2", {"sag_backbone": "convnext_nano", "axial_backbone": "convnext_nano"},
                   "Three-view fusion: sagittal crops per condition and level, axial slices "
                   "per level with a BiGRU, fused logits (see kernel_src/models/grade_v2.py)."),
+    notebook_spec("v20", {"target": "spinal", "backbone": "convnext_nano"},
+                  "Sagittal 3D ROIs: z_imgs slices around each keypoint, a 2.5D encoder per "
+                  "crop and a BiLSTM across the levels; `target` 'spinal' (Sagittal T2) or "
+                  "'foraminal' (Sagittal T1), one model each, e.g. `-y 'config: {target: "
+                  "foraminal, backbone: convnext_nano}'` (see kernel_src/models/grade_v20.py)."),
+    notebook_spec("v24", {"axial_backbone": "convnext_nano", "sag_backbone": "convnext_nano"},
+                  "Axial subarticular crops (right side mirrored onto the left) with a GRU "
+                  "across slices, fused with a sagittal T2 branch per level "
+                  "(see kernel_src/models/grade_v24.py)."),
 ]
