@@ -61,7 +61,8 @@ class KernelParams:
     time_budget_s: float = 8 * 3600.0  # of Kaggle's 9 h limit
     max_studies: int | None = None     # first N studies only (debugging)
     mode: str = "submit"               # "submit" or "validate"
-    labels_path: str | None = None     # train.csv-format labels for validate mode
+    labels_path: str | None = None     # validate mode: train.csv-format labels; only the
+                                       # labelled studies run (e.g. one fold of train.csv)
     split: str = "test"                # reads {split}_series_descriptions.csv, {split}_images
     num_workers: int = 2               # DataLoader workers reading studies ahead
     manifest_path: str | None = None   # default: weights_dir / weights_manifest.json
@@ -318,10 +319,17 @@ def predict_study(study, active: list[LoadedModel], manifest: Manifest, device,
     return probs, model_s, failures
 
 
-def _study_table(params: KernelParams) -> tuple[list[int], dict[int, dict[int, str]]]:
+def _study_table(params: KernelParams, labelled: set[int] | None = None
+                 ) -> tuple[list[int], dict[int, dict[int, str]]]:
+    """Sorted study ids of `{split}_series_descriptions.csv` (only the labelled ones when
+    `labelled` is given; ValueError if none), first `max_studies`; and their series."""
     path = Path(params.input_dir) / f"{params.split}_series_descriptions.csv"
     descriptions = competition.series_by_study(competition.load_series_descriptions(path))
     study_ids = sorted(descriptions)
+    if labelled is not None:
+        study_ids = [sid for sid in study_ids if sid in labelled]
+        if not study_ids:
+            raise ValueError(f"{params.labels_path}: labels none of the studies of {path}")
     if params.max_studies is not None:
         study_ids = study_ids[: int(params.max_studies)]
     return study_ids, descriptions
@@ -438,7 +446,9 @@ def run(params: KernelParams) -> pd.DataFrame:
     manifest, weights_dir = check_manifest(params)
     guard = TimeGuard(params.time_budget_s, start, params.warmup_studies)
     priors = submission.load_priors(weights_dir / manifest.class_priors)
-    study_ids, descriptions = _study_table(params)
+    labels = competition.load_train(params.labels_path) if params.mode == "validate" else None
+    study_ids, descriptions = _study_table(
+        params, None if labels is None else set(labels["study_id"].tolist()))
     LOG.info("%d studies, %d models in the manifest, device %s", len(study_ids),
              len(manifest.models), device)
     timings = dict.fromkeys(("load", "read", "read_worker", "keypoints", "stage2",
@@ -459,7 +469,7 @@ def run(params: KernelParams) -> pd.DataFrame:
     timings["total"] = time.perf_counter() - start
     _log_summary(len(study_ids), timings, counts, params.output_path)
     if params.mode == "validate":
-        out.attrs["score"] = score_submission(out, params.labels_path, study_ids)
+        out.attrs["score"] = score_submission(out, labels, study_ids)
     return out
 
 
@@ -471,12 +481,10 @@ def _log_summary(n: int, timings: dict, counts: dict, output_path: str) -> None:
              counts["guard_priors"], ", ".join(counts["dropped"]) or "none")
 
 
-def score_submission(sub: pd.DataFrame, labels_path: str, study_ids: list[int]) -> dict:
-    """The official metric of `sub` against train.csv-format labels of these studies."""
-    labels = competition.load_train(labels_path)
+def score_submission(sub: pd.DataFrame, labels: pd.DataFrame, study_ids: list[int]) -> dict:
+    """The official metric of `sub` against labels (`competition.load_train` form) of
+    these studies; prints and returns it."""
     labels = labels[labels["study_id"].isin(study_ids)].reset_index(drop=True)
-    if labels.empty:
-        raise ValueError(f"{labels_path}: none of the {len(study_ids)} studies is labelled")
     scores = metric.score(labels, sub)
     LOG.info("validation score on %d studies: %s", len(labels),
              ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))

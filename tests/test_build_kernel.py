@@ -107,7 +107,8 @@ def test_build_is_deterministic_and_well_formed(tmp_path):
     assert nb.cells[1].metadata["tags"] == ["parameters"]
     params = nb.cells[1].source
     for name in ("input_dir", "weights_dir", "wheels_dir", "output_path", "device",
-                 "time_budget_s", "max_studies", "mode", "labels_path", "num_workers"):
+                 "time_budget_s", "max_studies", "mode", "labels_path", "num_workers",
+                 "debug_dir"):
         assert f"\n{name} = " in params, name
     assert f'input_dir = "/kaggle/input/{SLUG}"' in params
     header = nb.cells[0].source

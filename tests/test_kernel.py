@@ -355,6 +355,18 @@ def test_validate_mode_scores_its_submission(data_dir, tmp_path, capsys):
     assert f"total={expected['total']:.6f}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="labels_path"):
         kernel.run(_params(data_dir, tmp_path / "w", tmp_path / "x.csv", mode="validate"))
+    fold = pd.read_csv(data_dir / "truth/labels.csv").iloc[[1, 3]]  # one "fold": 22 and 44
+    fold.to_csv(tmp_path / "fold.csv", index=False)
+    df = kernel.run(_params(data_dir, tmp_path / "w", tmp_path / "f.csv", mode="validate",
+                            labels_path=str(tmp_path / "fold.csv")))
+    assert sorted({int(r.split("_")[0]) for r in df["row_id"]}) == [22, 44]
+    expected = metric.score(competition.load_train(tmp_path / "fold.csv"), df)
+    assert df.attrs["score"] == pytest.approx(expected)
+    fold.assign(study_id=999).iloc[:1].to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(ValueError, match="labels none of the studies"):
+        kernel.run(_params(data_dir, tmp_path / "w", tmp_path / "n.csv", mode="validate",
+                           labels_path=str(tmp_path / "none.csv")))
+    assert not (tmp_path / "n.csv").exists()
 
 
 def test_cli_mirrors_run(data_dir, tmp_path):
