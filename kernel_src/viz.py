@@ -435,22 +435,35 @@ def _crop_image(view: StudyView, index: int, tile: int, window_mm: float):
     return crop.pixels[0], (u, v)
 
 
+def _mark_crop(canvas: np.ndarray, view: StudyView, index: int, truth_uv) -> None:
+    """The truth ring where it falls, the prediction disc at the centre (or "no pred":
+    the crop is then centred on the truth) and the 3D error in mm at the top left."""
+    lv = index % N_LEVELS
+    if truth_uv is not None:
+        draw_marker(canvas, truth_uv, lv, "truth")
+    pred, truth = _point(view.predicted, index), _point(view.truth, index)
+    if pred is None:
+        _text(canvas, "no pred", (3, 13), LEVEL_COLOURS[lv])
+        return
+    centre = (canvas.shape[1] - 1) / 2
+    draw_marker(canvas, (centre, centre), lv, "pred")
+    if truth is not None:
+        _text(canvas, f"{np.linalg.norm(pred - truth):.1f}mm", (3, 13), LEVEL_COLOURS[lv])
+
+
 def crop_tile(view: StudyView, index: int, tile: int = 112, window_mm: float = 40.0
               ) -> np.ndarray:
     """(tile + TEXT_H + 4, tile + 4, 3) uint8: the crop of label `index` with the
-    predicted point (centre) and the truth, then N/M/S probability bars (the true grade's
+    predicted point (centre), the truth and the error in mm, then N/M/S probability bars (the true grade's
     letter in green) and "true: grade"; the frame is green when the most probable grade
     is the true one, red when not, grey without a label or probabilities."""
     image, truth_uv = _crop_image(view, index, tile, window_mm)
-    lv = index % N_LEVELS
     if image is None:
         canvas = np.full((tile, tile, 3), 60, np.uint8)
         _text(canvas, "no crop", (8, tile // 2), (255, 255, 255))
     else:
         canvas = np.repeat(np.clip(image * 255.0, 0, 255).astype(np.uint8)[..., None], 3, 2)
-        if truth_uv is not None:
-            draw_marker(canvas, truth_uv, lv, "truth")
-        draw_marker(canvas, ((tile - 1) / 2, (tile - 1) / 2), lv, "pred")
+        _mark_crop(canvas, view, index, truth_uv)
     probs = None if view.probs is None else view.probs[index]
     label = -1 if view.labels is None else int(view.labels[index])
     text = np.full((TEXT_H, tile, 3), 20, np.uint8)

@@ -170,3 +170,17 @@ def test_cli_writes_readable_pngs_for_a_phantom_study(tmp_path):
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     for colour in viz.LEVEL_COLOURS:
         assert len(colour_pixels(rgb, colour)) > 0
+
+
+def test_crop_without_prediction_is_centred_on_the_truth_without_a_disc():
+    study = make_study()
+    truth = truth_points(study)
+    tile = 64
+    with_pred = viz.crop_tile(viz.StudyView(study, truth, truth), 0, tile, 20.0)
+    no_pred = viz.crop_tile(viz.StudyView(study, None, truth), 0, tile, 20.0)
+    c = 2 + (tile - 1) // 2
+    colour = np.asarray(viz.LEVEL_COLOURS[0])
+    assert (with_pred[c, c] == colour).all()
+    assert not (no_pred[c, c] == colour).all()  # the hollow ring's centre
+    r = viz.TRUTH_RADIUS
+    assert (no_pred[c + r, c] == colour).all() and (no_pred[c - r, c] == colour).all()
