@@ -4,6 +4,7 @@ cv2.warpAffine samples bilinearly at 1/32-pixel resolution, hence tolerances of 
 """
 import numpy as np
 import pytest
+from stage2_phantom import phantom  # noqa: F401  (fixture)
 
 from kernel_src import crops
 from kernel_src.study import Series, Stack, Study
@@ -137,3 +138,36 @@ def test_axial_level_slices_lie_between_neighbour_midpoints():
     level_points[2] = np.nan  # filled from its neighbours
     np.testing.assert_array_equal(crops.axial_level_slices(stack, level_points, 2), got)
     assert crops.axial_level_slices(stack, np.full((5, 3), np.nan), 2).size == 0
+
+
+def test_phantom_crops_centre_on_projected_truth_landmarks(phantom):  # noqa: F811
+    """On the phantom's real geometry (oblique stacks, several stacks per series), a crop
+    around each truth landmark is centred within one pixel of the landmark's projection
+    (coordinate-ramp images make the crop's centre pixel report where it sampled)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from kernel_src import competition, dicom, geometry, schema
+
+    names = competition.series_by_study(competition.load_series_descriptions(
+        phantom / "train_series_descriptions.csv"))
+    landmarks = pd.read_csv(phantom / "truth" / "landmarks.csv")
+    checked = 0
+    for sid in sorted(names)[:3]:
+        study = dicom.read_study(phantom / "train_images", sid, names[sid])
+        for row in landmarks[landmarks["study_id"] == sid].itertuples(index=False):
+            condition = schema.TITLE_TO_CONDITION[row.condition]
+            stacks = crops.series_stacks(study, schema.CONDITION_SERIES[condition])
+            world = np.array([row.x, row.y, row.z])
+            point = crops.locate_point(stacks, world)
+            if point is None or not point.inside:
+                continue
+            _, px, py, _ = geometry.project_to_stack(point.stack, world)
+            for axis, expected in (("x", px), ("y", py)):
+                ramp = dataclasses.replace(point.stack, pixels=ramp_pixels(*point.stack.shape, axis))
+                moved = dataclasses.replace(point, stack=ramp)
+                crop = crops.crop_at(moved, 1, (20.0, 20.0), (21, 21), unit="mm")
+                assert crop.valid and abs(crop.pixels[0, 10, 10] - expected) < 1.0, (sid, row)
+            checked += 1
+    assert checked >= 40
