@@ -193,6 +193,25 @@ def rerun_without(model: str, data_dir, weights_dir, out_dir, **kernel_kwargs) -
     return run_kernel(Path(data_dir), weights_dir, out_dir, manifest_path=path, **kernel_kwargs)
 
 
+def stage1_ablation(run: ScoringRun, data_dir, weights_dir, out_dir, labels_path,
+                    **kernel_kwargs) -> pd.DataFrame:
+    """The score without each stage-1 model, by a source-mode kernel rerun per model on a
+    manifest copy (`rerun_without`, into out_dir/without_<name>); costs one kernel run
+    per stage-1 model. Same columns as `ablation_table`."""
+    base = metric.score_arrays(run.codes, run.probs)
+    rows = [{"model": "(all)", "family": "", "weight": np.nan, **base}]
+    for entry in run.manifest.stage(1):
+        rerun_dir = rerun_without(entry.name, data_dir, weights_dir,
+                                  Path(out_dir) / f"without_{entry.name}",
+                                  labels_path=labels_path, **kernel_kwargs)
+        rerun = load_run(rerun_dir, labels_path)
+        rows.append({"model": f"without {entry.name}", "family": entry.family,
+                     "weight": entry.weight, **metric.score_arrays(rerun.codes, rerun.probs)})
+    table = pd.DataFrame(rows).set_index("model")
+    table["delta_total"] = table["total"] - base["total"]
+    return table
+
+
 def per_study_loss(codes: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """(N,) weighted log loss of each study over its labelled rows (all groups together,
     metric weights 1/2/4 and clipping); NaN for a study with no labelled row."""
@@ -411,6 +430,7 @@ n_worst = 3  # overlays of the worst studies
 kaggle_user = "USER"
 kernel_slug = "rsna-lumbar-offline-kernel"
 kernel_version = 1
+rerun_stage1 = False  # True: one kernel rerun (source mode) per stage-1 model for its ablation
 '''
 
 CELLS = [
@@ -442,7 +462,10 @@ CELLS = [
      "the model helps. A stage-1 model changes the keypoints: `report.rerun_without(...)` "
      "reruns the kernel on a manifest copy without it."),
     ("code", "try:\n    display(report.ablation_table(run))\nexcept (ValueError, KeyError) as err:\n"
-     "    print('no ablation:', err)"),
+     "    print('no ablation:', err)\nif rerun_stage1:\n"
+     "    display(report.stage1_ablation(run, data_dir, weights_dir, output_dir / 'ablation',\n"
+     "                                   labels_path, max_studies=max_studies, device=device,\n"
+     "                                   num_workers=num_workers))"),
     ("markdown", "## Time per study and per stage\nSeconds, from the kernel's `debug/timings.csv` "
      "(read = DICOM read + normalisation in the loader)."),
     ("code", "logged = run_dir / 'kernel_run.ipynb'\nif run.timings is not None:\n"
@@ -509,7 +532,7 @@ def build_report(data_dir, output_dir, weights_dir, *, kernel_notebook=None,
                  precomputed_dir=None, n_worst: int = 3, device: str = "auto",
                  num_workers: int = 0, kaggle_user: str = "USER",
                  kernel_slug: str = "rsna-lumbar-offline-kernel", kernel_version: int = 1,
-                 timeout_s: int = 3600) -> Path:
+                 rerun_stage1: bool = False, timeout_s: int = 3600) -> Path:
     """Execute the scoring notebook with these parameters into output_dir and render it
     to output_dir/post_deadline_scoring.html (self-contained); returns the HTML path."""
     import nbconvert
@@ -522,7 +545,8 @@ def build_report(data_dir, output_dir, weights_dir, *, kernel_notebook=None,
                   output_dir=str(output_dir), max_studies=max_studies,
                   precomputed_dir=_absolute(precomputed_dir), device=device,
                   num_workers=num_workers, n_worst=n_worst, kaggle_user=kaggle_user,
-                  kernel_slug=kernel_slug, kernel_version=kernel_version)
+                  kernel_slug=kernel_slug, kernel_version=kernel_version,
+                  rerun_stage1=rerun_stage1)
     executed = output_dir / NOTEBOOK.name
     papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters=params,
                                cwd=str(REPO), progress_bar=False, execution_timeout=timeout_s)
@@ -549,6 +573,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max-studies", type=int, default=None)
     parser.add_argument("--precomputed", default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rerun-stage1", action="store_true",
+                        help="ablate each stage-1 model by a kernel rerun")
     args = parser.parse_args(argv)
     if args.write_notebook:
         path = write_notebook()
@@ -558,7 +584,8 @@ def main(argv: list[str] | None = None) -> Path:
         path = build_report(args.data, args.out, args.weights,
                             kernel_notebook=args.kernel_notebook, split=args.split,
                             labels_path=args.labels, max_studies=args.max_studies,
-                            precomputed_dir=args.precomputed, device=args.device)
+                            precomputed_dir=args.precomputed, device=args.device,
+                            rerun_stage1=args.rerun_stage1)
     print(path)
     return path
 

@@ -162,3 +162,15 @@ def test_logged_timings_parse_the_kernel_summary_line():
     assert table.loc["keypoints", "per_study_s"] == 3.182
     assert table.loc["total", "total_s"] == 21.15
     assert report.logged_timings("no summary here") is None
+
+
+def test_stage1_ablation_reruns_the_kernel(tiny):
+    """Without its only stage-1 model no grader gets points: every study falls back to the
+    class priors, so the ablated score is the prior baseline's."""
+    run = report.load_run(tiny["run_dir"], tiny["labels"], tiny["weights"])
+    table = report.stage1_ablation(run, tiny["data"], tiny["weights"], tiny["root"] / "abl1",
+                                   tiny["labels"], device="cpu")
+    assert list(table.index) == ["(all)", "without points"]
+    baseline = report.scores_table(run).loc["class priors", "total"]
+    assert table.loc["without points", "total"] == pytest.approx(baseline, abs=1e-9)
+    assert table.loc["(all)", "delta_total"] == 0.0
