@@ -7,21 +7,25 @@ import pytest
 import torch
 from axial_phantom import make_studies, make_study
 
+from kernel_src.geometry import pixel_to_world, world_to_pixel
 from kernel_src.models import registry
 from kernel_src.models.axial_points import SUBARTICULAR, from_unit, to_model_range
+from kernel_src.models.axial_sequence import build_sequence
 from kernel_src.models.keypoint_axial3d import Axial3D
-from kernel_src.models.keypoint_axial_level import AxialLevel, build_sequence, decode_z
+from kernel_src.models.keypoint_axial_level import AxialLevel, decode_positions
+from kernel_src.schema import N_LABELS
 from kernel_src.training.axial_data import (
     Axial3DDataset,
-    AxialExample,
     AxialLevelDataset,
     axial3d_loss,
     axial_level_loss,
     collate_level,
     level_targets,
+    point_targets,
 )
+from kernel_src.training.keypoint_data import KeypointExample
 
-TINY_3D = Axial3D.Config(backbone="resnet10t", depth=32, height=32, width=32)
+TINY_3D = Axial3D.Config(backbone="resnet10t", depth=32, image_size=32)
 TINY_LEVEL = AxialLevel.Config(backbone="resnet10t", image_size=32, hidden=32,
                                regressor_backbone="resnet10t", regressor_size=32)
 
@@ -31,8 +35,17 @@ def studies():
     return make_studies(3, seed=1)
 
 
+def example(study, truth) -> KeypointExample:
+    """The 25-point training example of a phantom study (only subarticular points known)."""
+    world = np.full((N_LABELS, 3), np.nan)
+    world[SUBARTICULAR] = truth
+    series = np.full(N_LABELS, -1)
+    series[SUBARTICULAR] = next(iter(study.series))
+    return KeypointExample(study, world, series)
+
+
 def examples(pairs):
-    return [AxialExample(study, truth) for study, truth in pairs]
+    return [example(study, truth) for study, truth in pairs]
 
 
 @pytest.mark.parametrize("family,config", [("axial3d", TINY_3D), ("axial_level", TINY_LEVEL)])
@@ -53,63 +66,77 @@ def test_registered_build_infer_and_checkpoint_roundtrip(tmp_path, studies, fami
     assert again.source[SUBARTICULAR[0]].startswith(family + ":")
 
 
-def test_axial3d_prepared_volume_and_decoding_agree_with_world(studies):
-    """A bright voxel at a world point, after prepare_volume, decodes back to that point."""
-    study, truth = studies[0]
-    stack = next(iter(study.series.values())).stacks[0]
-    stack.pixels = np.zeros_like(stack.pixels)
-    uvw, present = Axial3D.encode_points(stack, truth)
-    assert present.all()
-    S, H, W = stack.pixels.shape
-    s, x, y = (int(round(from_unit(uvw[3, i], n))) for i, n in ((2, S), (0, W), (1, H)))
-    stack.pixels[s, y, x] = 255
-    cfg = Axial3D.Config(depth=S * 2, height=H * 2, width=W * 2)
-    vol = Axial3D.prepare_volume(stack, cfg)[0].astype(float)  # (H, W, D)
-    grid = np.stack(np.meshgrid(*(np.arange(n) + 0.5 for n in vol.shape), indexing="ij"))
-    centroid = (grid * vol).reshape(3, -1).sum(1) / vol.sum()  # (row, col, depth) + 0.5
-    found = Axial3D.decode_points(
-        stack, [centroid[1] / (2 * W), centroid[0] / (2 * H), centroid[2] / (2 * S)])
-    exact = Axial3D.decode_points(stack, uvw[3])
-    assert np.linalg.norm(exact - truth[3]) < 1e-3  # float32 unit coordinates
-    on_voxel = Axial3D.decode_points(stack, [(x + 0.5) / W, (y + 0.5) / H, (s + 0.5) / S])
-    assert np.linalg.norm(found - on_voxel) < 0.1 * min(stack.pixel_spacing)
-    assert np.linalg.norm(on_voxel - truth[3]) <= np.linalg.norm(
-        [*stack.pixel_spacing, np.diff(stack.positions[:2, 2])[0]]) / 2
+def test_sequence_point_encoding_roundtrips_to_world(studies):
+    """Known world points -> (u, v, g) on the grid -> world again, exactly, also across the
+    two stacks of a split series."""
+    for study, truth in studies:
+        seq = build_sequence(study, 3.0, 128, 40)
+        ug, ok = seq.encode(truth)
+        assert ok.all()
+        world, _ = seq.decode(ug)
+        np.testing.assert_allclose(world, truth, atol=1e-6)
 
 
-def test_axial_level_sequence_is_world_ordered_and_decodes(studies):
-    study, truth = studies[2]
-    seq = build_sequence(study, TINY_LEVEL)
+def test_sequence_is_world_ordered_and_dense(studies):
+    study, _ = studies[2]  # two stacks
+    seq = build_sequence(study, 3.0, 128, 32)
     assert np.all(np.diff(seq.z) >= 0) and len(seq.z) == len(seq.refs)
     stacks_z = np.concatenate(seq.slice_z)
     assert seq.z.min() == stacks_z.min() and seq.z.max() == stacks_z.max()
-    assert np.max(np.diff(seq.z)) <= 2 * TINY_LEVEL.z_spacing
-    n = len(seq.z)
-    j = 7  # a known point: a sharp distribution at its nearest position decodes near it
-    i = int(np.argmin(np.abs(seq.z - truth[j, 2])))
-    probs = np.full((n, 10), 1e-6)
-    probs[i, j] = 1.0
+    assert np.max(np.diff(seq.z)) <= 2 * seq.step and {k for k, _ in seq.refs} == {0, 1}
+    assert seq.images().shape == (len(seq), 3, 32, 32)
+
+
+def test_axial3d_prepared_volume_and_decoding_agree_with_world(studies):
+    """A bright voxel in a stack, after the family's input preparation, decodes back to the
+    world position of that voxel (centroid of the resampled blob, within 0.1 pixel)."""
+    study, truth = studies[0]
+    stack = next(iter(study.series.values())).stacks[0]
+    stack.pixels = np.zeros_like(stack.pixels)
+    S, H, W = stack.pixels.shape
+    s, x, y = (int(round(float(v))) for v in world_to_pixel(stack, truth[3]))
+    stack.pixels[s, y, x] = 255
+    dz = float(np.diff(stack.positions[:, 2]).mean())
+    cfg = Axial3D.Config(depth=S * 2, image_size=H * 2, z_spacing=dz)
+    seq = Axial3D.sequence(study, cfg)
+    assert len(seq) == S
+    vol = Axial3D.prepare_volume(seq, cfg)[0].astype(float)  # (H, W, D)
+    grid = np.stack(np.meshgrid(*(np.arange(n) + 0.5 for n in vol.shape), indexing="ij"))
+    centroid = (grid * vol).reshape(3, -1).sum(1) / vol.sum()  # (row, col, depth) + 0.5
+    found, _ = Axial3D.decode_points(seq, [centroid[1] / (2 * W), centroid[0] / (2 * H),
+                                           centroid[2] / (2 * S)])
+    voxel = pixel_to_world(stack, s, x, y)
+    assert np.linalg.norm(found[0] - voxel) < 0.1 * min(stack.pixel_spacing)
+    target, present = Axial3D.encode_points(seq, truth)
+    assert present.all()
+    back, _ = Axial3D.decode_points(seq, target)
+    np.testing.assert_allclose(back, truth, atol=1e-3)  # float32 unit coordinates
+
+
+def test_level_decoding_and_targets():
+    n = 20
+    probs = np.full((n, 10), 1e-9)
+    probs[7, 3], probs[8, 3] = 0.75, 0.25
+    probs /= probs.sum(0)
     levels = np.zeros((n, 6))
-    levels[:, j % 5] = 1.0
-    z, conf = decode_z(levels, probs / probs.sum(0), seq.z, 6.0)
-    assert abs(z[j] - seq.z[i]) < 1e-3 and conf[j] > 0.99
-    k, s = seq.locate(truth[j, 2])
-    assert abs(seq.slice_z[k][int(round(s))] - truth[j, 2]) <= 2.5
-
-
-def test_level_targets_window_and_unknown_levels():
-    z = np.array([0.0, 3.0, 6.0, 30.0, 60.0])
-    lv = level_targets(z, np.array([60.0, 30.0, 0.0, np.nan, np.nan]), 4.5)
-    assert lv.tolist() == [2, 2, -100, 1, 0]
-    lv = level_targets(z, np.array([60.0, 30.0, 0.0, -30.0, -60.0]), 4.5)
-    assert lv.tolist() == [2, 2, 5, 1, 0]
+    levels[:, 3] = 1.0
+    g, conf = decode_positions(levels, probs, 2.0)
+    assert abs(g[3] - 7.25) < 1e-6 and conf[3] > 0.99 and conf[4] < 1e-6
+    lv = level_targets(5, np.array([4.0, 3.0, 0.0, np.nan, np.nan]), 0.5)
+    assert lv.tolist() == [2, -100, -100, 1, 0]
+    lv = level_targets(5, np.array([4.0, 3.0, 0.0, -3.0, -6.0]), 0.5)
+    assert lv.tolist() == [2, 5, 5, 1, 0]
+    w, valid = point_targets(6, np.array([2.0, np.nan, 9.0] + [1.0] * 7), 1.0)
+    assert valid.tolist()[:3] == [True, False, False] and np.argmax(w[:, 0]) == 2
+    np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
 
 
 def test_axial3d_flip_keeps_points_on_their_dots():
-    """After a flipped item, the left target sits on the left dot of the flipped image."""
+    """Augmented items (flip, affine): every target sits on a dot, and the left point keeps
+    the larger column (image columns run towards patient left), so a flip swapped sides."""
     study, truth = make_study(1, np.random.default_rng(3), size=48)
-    ds = Axial3DDataset([AxialExample(study, truth)], Axial3D.Config(depth=48, height=48, width=48),
-                        augment=True, max_shift=0.0)
+    ds = Axial3DDataset([example(study, truth)], Axial3D.Config(depth=48, image_size=48),
+                        augment=True)
     torch.manual_seed(0)
     for _ in range(6):
         item = ds[0]
@@ -119,11 +146,16 @@ def test_axial3d_flip_keeps_points_on_their_dots():
             col, row, dep = (int(from_unit(a, 48).round()) for a in (u, v, w))
             patch = vol[row - 1: row + 2, col - 1: col + 2, dep]
             assert patch.max() > vol[..., dep].mean() + 0.5, (j, u, v, w)
+        assert item["uvw"][0, 0] > item["uvw"][5, 0]
 
 
 def test_level_dataset_batches_and_losses(studies):
     ds = AxialLevelDataset(examples(studies), TINY_LEVEL, augment=True)
     batch = collate_level([ds[0], ds[1], ds[2]])
+    for _ in range(4):
+        item = ds[0]
+        ok = item["xy_valid"][:, 0] > 0
+        assert ok.any() and (item["xy"][ok, 0] > item["xy"][ok, 2]).all()
     assert batch["slices"].shape[:2] == batch["mask"].shape == batch["level"].shape
     assert torch.allclose(batch["points"].sum(1)[batch["point_valid"] > 0],
                           torch.ones(int(batch["point_valid"].sum())), atol=1e-4)

@@ -68,3 +68,28 @@ def neighbours_25d(volume: np.ndarray, index: int) -> np.ndarray:
     last = len(volume) - 1
     picks = [min(max(index + d, 0), last) for d in (-1, 0, 1)]
     return volume[picks]
+
+
+def soft_argmax(maps: torch.Tensor) -> torch.Tensor:
+    """Integral regression: (B, P, H, W[, D]) logits -> (B, P, 2|3) expected unit
+    (u = column, v = row[, w = slice]) under the spatial softmax of each map."""
+    spatial = maps.shape[2:]
+    heat = maps.flatten(2).float().softmax(-1)  # (B, P, N)
+    grids = torch.meshgrid(*[(torch.arange(n, device=maps.device) + 0.5) / n for n in spatial],
+                           indexing="ij")
+    order = [1, 0, 2][: len(spatial)]  # spatial axes are (row, col[, slice])
+    return torch.stack([(heat * grids[a].reshape(1, 1, -1)).sum(-1) for a in order], -1)
+
+
+def feature_map_backbone(create, name: str, stride: int, in_chans: int, **kwargs):
+    """A timm / timm_3d backbone (`create` = `backbones.create_backbone_2d|3d`) whose output
+    is a one-element list: the feature map at `stride`. Returns (module, channels);
+    ValueError naming the available strides."""
+    probe = create(name, in_chans=in_chans, features_only=True)
+    strides = list(probe.feature_info.reduction())
+    if stride not in strides:
+        raise ValueError(f"backbone {name!r}: no feature map at stride {stride} "
+                         f"(available: {strides})")
+    index = strides.index(stride)
+    model = create(name, in_chans=in_chans, features_only=True, out_indices=(index,), **kwargs)
+    return model, probe.feature_info.channels()[index]

@@ -12,124 +12,103 @@ left and right points; shifts move the points with the image; intensity jitter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .. import geometry
 from ..models.axial_points import (
-    N_POINTS,
     SUBARTICULAR,
     SWAP_SIDES,
-    axial_stacks,
     neighbours_25d,
     resize_slices,
     to_model_range,
     to_unit,
 )
+from ..models.axial_sequence import AxialSequence
 from ..models.keypoint_axial3d import Axial3D
-from ..models.keypoint_axial_level import BACKGROUND, AxialSequence, build_sequence
-from ..schema import LABEL_COLUMNS, N_LEVELS, TITLE_TO_CONDITION, TITLE_TO_LEVEL
-from ..study import Study
+from ..models.keypoint_axial_level import BACKGROUND, AxialLevel
+from ..schema import N_LEVELS
+from .keypoint_data import (
+    KeypointExample,
+    jitter_intensity,
+    random_affine,
+    torch_rng,
+    warp_planes,
+    warp_unit_points,
+)
+
+FLIP_SIDES = [2, 3, 0, 1]  # (x_left, y_left, x_right, y_right) columns after a flip
 
 
-@dataclass
-class AxialExample:
-    """One study (uint8 stacks) and its 10 labelled subarticular points (10, 3) world mm,
-    NaN rows for points without a label."""
-
-    study: Study
-    world: np.ndarray
+def axial_world(example: KeypointExample) -> np.ndarray:
+    """(10, 3) world mm of the example's subarticular points (left 5, right 5), NaN unknown."""
+    return np.asarray(example.world, dtype=np.float64)[SUBARTICULAR]
 
 
-def subarticular_world(study: Study, coords: pd.DataFrame, source_shapes=None) -> np.ndarray:
-    """(10, 3) world mm of the study's labelled subarticular points (left 5, right 5);
-    NaN where unlabelled; duplicates are averaged. `coords`: label-coordinate rows."""
-    rows = coords[coords["study_id"] == study.study_id]
-    labels = [f"{TITLE_TO_CONDITION.get(c, '?')}_{TITLE_TO_LEVEL.get(lv, '?')}"
-              for c, lv in zip(rows["condition"], rows["level"], strict=True)]
-    slot = {LABEL_COLUMNS[j]: i for i, j in enumerate(SUBARTICULAR)}
-    picks = [(k, slot[lab]) for k, lab in enumerate(labels) if lab in slot]
-    out = np.full((N_POINTS, 3), np.nan)
-    if not picks:
-        return out
-    world = geometry.label_points_world(study, rows.iloc[[k for k, _ in picks]], source_shapes)
-    for i in range(N_POINTS):
-        hits = world[[n for n, (_, s) in enumerate(picks) if s == i]]
-        hits = hits[np.isfinite(hits).all(axis=1)]
-        if len(hits):
-            out[i] = hits.mean(axis=0)
-    return out
+def flip_affine(width: int) -> np.ndarray:
+    """(2, 3) pixel affine of a horizontal flip x -> width - 1 - x."""
+    return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]])
 
 
-def _rng() -> np.random.Generator:
-    """A generator seeded from torch's RNG (so DataLoader seeding controls augmentation)."""
-    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-
-
-def _jitter_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random contrast (x0.8-1.2) and brightness (+-0.1) in the [-1, 1] model range."""
-    return (x * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)).clamp(-1.0, 1.0)
-
-
-def _shift(volume: torch.Tensor, shifts: list[int], dims: list[int]) -> torch.Tensor:
-    """Translate by integer shifts along dims, filling with -1 (black)."""
-    out = torch.full_like(volume, -1.0)
-    src = [slice(None)] * volume.ndim
-    dst = [slice(None)] * volume.ndim
-    for d, s in zip(dims, shifts, strict=True):
-        n = volume.shape[d]
-        src[d] = slice(max(0, -s), n - max(0, s))
-        dst[d] = slice(max(0, s), n - max(0, -s))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
+def compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(2, 3) affine of applying b first, then a."""
+    full = lambda m: np.vstack([m, [0.0, 0.0, 1.0]])  # noqa: E731
+    return (full(a) @ full(b))[:2]
 
 
 # ----------------------------------------------------------------------------- axial3d
 class Axial3DDataset(Dataset):
-    """One item per axial stack with at least one labelled point.
+    """One item per study with axial slices and labelled subarticular points.
 
     Item: volume (1, H, W, D) float, uvw (10, 3) unit targets, present (10,) 1/0 (inside
-    this stack's extent), known (10,) 1/0 (labelled).
+    the scanned extent; after augmentation: inside the volume), known (10,) 1/0 (labelled).
+    Augmentation: horizontal flip (sides swap), in-plane affine, intensity jitter.
     """
 
-    def __init__(self, examples: list[AxialExample], config, augment: bool = False,
-                 max_shift: float = 0.08):
-        self.config, self.augment, self.max_shift = config, augment, max_shift
+    def __init__(self, examples: list[KeypointExample], config, augment: bool = False):
+        self.config, self.augment = config, augment
         self.items = []
         for ex in examples:
-            known = np.isfinite(ex.world).all(axis=1)
-            if not known.any():
+            world = axial_world(ex)
+            known = np.isfinite(world).all(axis=1)
+            seq = Axial3D.sequence(ex.study, config)
+            if seq is None or not known.any():
                 continue
-            for _, _, stack in axial_stacks(ex.study):
-                uvw, present = Axial3D.encode_points(stack, ex.world)
-                self.items.append((Axial3D.prepare_volume(stack, config),
-                                   np.nan_to_num(uvw), np.nan_to_num(present), known))
+            uvw, present = Axial3D.encode_points(seq, world)
+            self.items.append((Axial3D.prepare_volume(seq, config), np.nan_to_num(uvw),
+                               np.nan_to_num(present), known.astype(np.float32)))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         vol, uvw, present, known = self.items[i]
-        vol, uvw = to_model_range(vol), torch.tensor(uvw)
-        present, known = torch.tensor(present), torch.tensor(known, dtype=torch.float32)
+        uvw, present, known = uvw.copy(), present.copy(), known.copy()
         if self.augment:
-            rng = _rng()
+            rng = torch_rng()
+            _, H, W, _ = vol.shape
+            m = random_affine(rng, H, W)
             if rng.random() < 0.5:
-                vol, uvw = vol.flip(2), uvw[SWAP_SIDES]
-                uvw[:, 0] = 1.0 - uvw[:, 0]
-                present, known = present[SWAP_SIDES], known[SWAP_SIDES]
-            sizes = vol.shape[1:]  # (H, W, D); uvw columns are (W, H, D)
-            shifts = [int(round(rng.uniform(-1, 1) * self.max_shift * n)) for n in sizes]
-            vol = _jitter_intensity(_shift(vol, shifts, [1, 2, 3]), rng)
-            for col, d in ((0, 1), (1, 0), (2, 2)):
-                uvw[:, col] += shifts[d] / sizes[d]
-            present = present * ((uvw >= 0) & (uvw <= 1)).all(1).float()
-        return {"volume": vol, "uvw": uvw, "present": present, "known": known}
+                m = compose(m, flip_affine(W))
+                uvw, present, known = uvw[SWAP_SIDES], present[SWAP_SIDES], known[SWAP_SIDES]
+            vol = warp_planes(np.ascontiguousarray(vol[0]), m)[None]
+            uvw = warp_unit_points(uvw, m, H, W)
+            present = present * ((uvw >= 0) & (uvw <= 1)).all(1)
+        x = to_model_range(vol)
+        if self.augment:
+            x = jitter_intensity(x, rng)
+        return {"volume": x, "uvw": torch.from_numpy(uvw.astype(np.float32)),
+                "present": torch.from_numpy(present.astype(np.float32)),
+                "known": torch.from_numpy(known.astype(np.float32))}
+
+    def mean_target(self) -> np.ndarray:
+        """(10, 3) mean unit coordinates of labelled points inside their stack (the
+        mean-shape baseline, for `keypoint_eval.MeanShapeModel` through `Axial3D.infer`)."""
+        uvw = np.stack([it[1] for it in self.items])
+        w = np.stack([it[2] * it[3] for it in self.items])[..., None]
+        return (uvw * w).sum(0) / np.maximum(w.sum(0), 1)
 
 
 def axial3d_loss(model, batch: dict, beta: float = 0.02) -> torch.Tensor:
@@ -144,47 +123,47 @@ def axial3d_loss(model, batch: dict, beta: float = 0.02) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- axial_level
-def level_targets(z: np.ndarray, level_z: np.ndarray, window: float) -> np.ndarray:
-    """(N,) int per grid position: the level whose z (mm) is within `window` mm (the
-    nearest), else BACKGROUND; -100 (ignored) for positions not near a known level when
-    some level is unknown (they might belong to it)."""
-    known = np.isfinite(level_z)
-    dist = np.abs(z[:, None] - np.where(known, level_z, np.inf)[None, :])
+def level_targets(n: int, level_g: np.ndarray, window: float) -> np.ndarray:
+    """(n,) int per grid position: the level whose grid position (5,) is within `window`
+    positions (the nearest), else BACKGROUND; -100 (ignored) for positions not near a known
+    level when some level is unknown (they might belong to it)."""
+    known = np.isfinite(level_g)
+    dist = np.abs(np.arange(n)[:, None] - np.where(known, level_g, np.inf)[None, :])
     out = np.where(dist.min(1) <= window, dist.argmin(1), BACKGROUND)
     if not known.all():
         out[out == BACKGROUND] = -100
     return out.astype(np.int64)
 
 
-def point_targets(z: np.ndarray, point_z: np.ndarray, sigma: float, step: float):
-    """Soft targets over positions: (N, 10) Gaussian in z (sigma mm) normalised per point,
-    and (10,) validity (labelled and within half a step of the sequence's ends)."""
-    valid = np.isfinite(point_z) & (point_z >= z.min() - step / 2) & (point_z <= z.max() + step / 2)
-    logw = -0.5 * ((z[:, None] - np.nan_to_num(point_z)[None, :]) / sigma) ** 2
+def point_targets(n: int, g: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Soft targets over n positions: (n, 10) Gaussians around the points' grid positions g
+    (10,) (sigma in positions), normalised per point, and (10,) validity (g known and
+    within half a position of the ends)."""
+    valid = np.isfinite(g) & (g >= -0.5) & (g <= n - 0.5)
+    logw = -0.5 * ((np.arange(n)[:, None] - np.nan_to_num(g)[None, :]) / sigma) ** 2
     w = np.exp(logw - logw.max(0, keepdims=True))
     return (w / w.sum(0, keepdims=True)).astype(np.float32), valid
 
 
-def regressor_targets(seq: AxialSequence, world: np.ndarray):
-    """Per level: (stack number, slice index) showing its labelled points, (4,) unit
-    (x_left, y_left, x_right, y_right) targets and (4,) validity; None when unlabelled."""
+def regressor_targets(seq: AxialSequence, world: np.ndarray, g: np.ndarray):
+    """Per level: (stack number, slice index) of its regressor slice (`level_slice` of the
+    known sides' positions g), (4,) unit (x_left, y_left, x_right, y_right) targets there
+    and (4,) validity; None for a level without a labelled point."""
     out = []
     for level in range(N_LEVELS):
-        pts = world[[level, level + N_LEVELS]]
-        known = np.isfinite(pts).all(axis=1)
-        best = None
-        for k, (_, _, stack) in enumerate(seq.stacks):
-            if not known.any():
-                break
-            S, H, W = stack.pixels.shape
-            s, x, y = geometry.world_to_pixel(stack, np.nan_to_num(pts))
-            s_mean = float(np.mean(s[known]))
-            if -0.5 <= s_mean <= S - 0.5 and (best is None or abs(s_mean - round(s_mean)) < best[0]):
-                xy = np.array([to_unit(x[0], W), to_unit(y[0], H), to_unit(x[1], W),
-                               to_unit(y[1], H)], dtype=np.float32)
-                best = (abs(s_mean - round(s_mean)), k, int(round(s_mean)), xy,
-                        np.repeat(known, 2).astype(np.float32))
-        out.append(None if best is None else best[1:])
+        sides = [level, level + N_LEVELS]
+        known = np.isfinite(g[sides])
+        if not known.any():
+            out.append(None)
+            continue
+        gl, gr = (g[j] if ok else g[sides][known][0] for j, ok in zip(sides, known, strict=True))
+        k, s = AxialLevel.level_slice(seq, gl, gr)
+        stack = seq.stacks[k][2]
+        _, H, W = stack.pixels.shape
+        _, x, y = geometry.world_to_pixel(stack, np.nan_to_num(world[sides]))
+        xy = np.array([to_unit(x[0], W), to_unit(y[0], H), to_unit(x[1], W), to_unit(y[1], H)],
+                      dtype=np.float32)
+        out.append((k, s, xy, np.repeat(known, 2).astype(np.float32)))
     return out
 
 
@@ -193,22 +172,28 @@ class AxialLevelDataset(Dataset):
 
     Item: slices (N, 3, S, S) float, level (N,) int, points (N, 10) soft targets,
     point_valid (10,), crops (5, 3, R, R) float, xy (5, 4) unit targets, xy_valid (5, 4).
+    Windows are in mm (`level_window` around a level's position is that level; the point
+    targets are Gaussians of `point_sigma`); augmentation: a random contiguous run of
+    >= `min_keep` of the positions, flip (sides swap), an in-plane affine of the regressor
+    images, one of the 3 slices around the labelled one, intensity jitter.
     """
 
-    def __init__(self, examples: list[AxialExample], config, augment: bool = False,
+    def __init__(self, examples: list[KeypointExample], config, augment: bool = False,
                  level_window: float = 4.5, point_sigma: float = 2.0, min_keep: float = 0.7):
         self.config, self.augment = config, augment
         self.level_window, self.point_sigma, self.min_keep = level_window, point_sigma, min_keep
         self.items = []
         for ex in examples:
-            seq = build_sequence(ex.study, config)
-            if seq is None or not np.isfinite(ex.world).all(axis=1).any():
+            seq, world = AxialLevel.sequence(ex.study, config), axial_world(ex)
+            if seq is None or not np.isfinite(world).all(axis=1).any():
                 continue
-            crops = [self._crops(seq, t) for t in regressor_targets(seq, ex.world)]
-            self.items.append((seq, ex.world, crops))
+            ug, _ = seq.encode(world)
+            g = ug[:, 2]
+            crops = [self._crops(seq, t) for t in regressor_targets(seq, world, g)]
+            self.items.append((seq, g, crops))
 
     def _crops(self, seq: AxialSequence, target):
-        """Regressor images of a level: (3, 3, R, R) uint8 (slice -1, 0, +1) or None."""
+        """Regressor images of a level: ((3, 3, R, R) uint8 (slices -1, 0, +1), xy, valid)."""
         if target is None:
             return None
         k, s, xy, valid = target
@@ -223,45 +208,56 @@ class AxialLevelDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        seq, world, crops = self.items[i]
-        rng = _rng() if self.augment else None
-        n = len(seq.z)
-        lo, hi = 0, n
-        if rng is not None and n > 4:
-            keep = int(round(n * rng.uniform(self.min_keep, 1.0)))
-            lo = int(rng.integers(0, n - keep + 1))
-            hi = lo + keep
-        z = seq.z[lo:hi]
-        level_z = np.nanmean(np.stack([world[:N_LEVELS, 2], world[N_LEVELS:, 2]]), axis=0) \
-            if np.isfinite(world[:, 2]).any() else np.full(N_LEVELS, np.nan)
-        step = float(np.median(np.diff(seq.z))) if n > 1 else self.config.z_spacing
-        points, valid = point_targets(z, world[:, 2], self.point_sigma, step)
+        seq, g, crops = self.items[i]
+        rng = torch_rng() if self.augment else None
+        lo, hi = self._window(len(seq), rng)
+        g = g - lo
+        level_g = np.array([np.nanmean(g[[lv, lv + N_LEVELS]])
+                            if np.isfinite(g[[lv, lv + N_LEVELS]]).any() else np.nan
+                            for lv in range(N_LEVELS)])
+        points, valid = point_targets(hi - lo, g, self.point_sigma / seq.step)
+        levels = level_targets(hi - lo, level_g, self.level_window / seq.step)
+        flip = rng is not None and rng.random() < 0.5
+        crop_img, xy, xy_valid = self._regressor_items(crops, rng, flip)
         slices = to_model_range(seq.images(np.arange(lo, hi)))
-        crop_img = torch.full((N_LEVELS, 3, self.config.regressor_size,
-                               self.config.regressor_size), -1.0)
-        xy, xy_valid = torch.zeros(N_LEVELS, 4), torch.zeros(N_LEVELS, 4)
-        for level, c in enumerate(crops):
-            if c is not None:
-                pick = 1 if rng is None else int(rng.integers(0, 3))
-                crop_img[level] = to_model_range(c[0][pick])
-                xy[level], xy_valid[level] = torch.tensor(c[1]), torch.tensor(c[2])
-        item = {"slices": slices, "level": torch.tensor(level_targets(z, level_z, self.level_window)),
-                "points": torch.tensor(points), "point_valid": torch.tensor(valid, dtype=torch.float32),
+        if flip:
+            slices, points, valid = slices.flip(-1), points[:, SWAP_SIDES], valid[SWAP_SIDES]
+        if rng is not None:
+            slices, crop_img = jitter_intensity(slices, rng), jitter_intensity(crop_img, rng)
+        return {"slices": slices, "level": torch.from_numpy(levels),
+                "points": torch.from_numpy(points),
+                "point_valid": torch.from_numpy(valid.astype(np.float32)),
                 "crops": crop_img, "xy": xy, "xy_valid": xy_valid}
-        return _augment_level_item(item, rng) if rng is not None else item
 
+    def _window(self, n: int, rng) -> tuple[int, int]:
+        """A random contiguous run of >= min_keep of the n positions (all without rng)."""
+        if rng is None or n <= 4:
+            return 0, n
+        keep = int(round(n * rng.uniform(self.min_keep, 1.0)))
+        lo = int(rng.integers(0, n - keep + 1))
+        return lo, lo + keep
 
-def _augment_level_item(item: dict, rng: np.random.Generator) -> dict:
-    """Horizontal flip (swap left/right targets, x -> 1 - x) and intensity jitter."""
-    if rng.random() < 0.5:
-        item["slices"], item["crops"] = item["slices"].flip(-1), item["crops"].flip(-1)
-        item["points"], item["point_valid"] = item["points"][:, SWAP_SIDES], item["point_valid"][SWAP_SIDES]
-        xy, valid = item["xy"][:, [2, 3, 0, 1]], item["xy_valid"][:, [2, 3, 0, 1]]
-        xy[:, [0, 2]] = 1.0 - xy[:, [0, 2]]
-        item["xy"], item["xy_valid"] = xy * valid, valid
-    item["slices"] = _jitter_intensity(item["slices"], rng)
-    item["crops"] = _jitter_intensity(item["crops"], rng)
-    return item
+    def _regressor_items(self, crops, rng, flip: bool):
+        """(5, 3, R, R) float images, (5, 4) unit targets, (5, 4) validity. With rng: a
+        random one of the 3 slices around the labelled one and a random in-plane affine."""
+        size = self.config.regressor_size
+        images = torch.full((N_LEVELS, 3, size, size), -1.0)
+        xy, valid = np.zeros((N_LEVELS, 4), np.float32), np.zeros((N_LEVELS, 4), np.float32)
+        for level, c in enumerate(crops):
+            if c is None:
+                continue
+            image, target, ok = c[0][1 if rng is None else int(rng.integers(0, 3))], c[1], c[2]
+            if rng is not None:
+                m = random_affine(rng, size, size)
+                if flip:
+                    m = compose(m, flip_affine(size))
+                    target, ok = target[FLIP_SIDES], ok[FLIP_SIDES]
+                image = np.moveaxis(warp_planes(np.ascontiguousarray(np.moveaxis(image, 0, -1)),
+                                                m), -1, 0)
+                target = warp_unit_points(target.reshape(2, 2), m, size, size).reshape(4)
+            images[level] = to_model_range(image)
+            xy[level], valid[level] = target * ok, ok
+        return images, torch.from_numpy(xy), torch.from_numpy(valid)
 
 
 def collate_level(items: list[dict]) -> dict:
@@ -293,3 +289,15 @@ def axial_level_loss(model, batch: dict, beta: float = 0.02) -> torch.Tensor:
     xy = F.smooth_l1_loss(out["xy"].float(), batch["xy"], beta=beta, reduction="none")
     xy = (xy * batch["xy_valid"]).sum() / batch["xy_valid"].sum().clamp(min=1) / beta
     return level + points + xy
+
+
+def level_mean_shape(dataset: AxialLevelDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-shape baseline of `axial_level`: (10,) mean position of each point as a
+    fraction of its study's z grid, (5, 4) mean unit (x, y) targets of the regressor."""
+    fracs, xys = [], []
+    for seq, g, crops in dataset.items:
+        fracs.append((g + 0.5) / len(seq))
+        xys.append([np.full(4, np.nan) if c is None else np.where(c[2] > 0, c[1], np.nan)
+                    for c in crops])
+    return np.nan_to_num(np.nanmean(fracs, axis=0), nan=0.5), \
+        np.nan_to_num(np.nanmean(np.array(xys, dtype=float), axis=0), nan=0.5)

@@ -23,6 +23,7 @@ import nbformat
 # Modules that define NOTEBOOKS; add yours here (one line).
 SPEC_MODULES: tuple[str, ...] = (
     "kernel_src.training.train_keypoint",
+    "kernel_src.training.train_axial",
     "kernel_src.training.train_stage2",
     "kernel_src.training.fit_ensemble",
 )

@@ -40,7 +40,7 @@ from . import loop
 from .keypoint_data import KeypointSource, SagittalDataset
 from .keypoint_eval import MeanShapeModel, evaluate, summary_line
 
-TRAINER_MODULES: tuple[str, ...] = ()
+TRAINER_MODULES: tuple[str, ...] = ("kernel_src.training.train_axial",)
 
 DEFAULTS: dict[str, Any] = {
     "family": "sag2d",           # registered stage-1 family
