@@ -371,7 +371,8 @@ def plot_keypoint_errors(errors: pd.DataFrame, max_mm: float = 40.0):
     for condition, frame in errors.groupby("condition"):
         ax.hist(np.clip(frame["error_mm"], 0, max_mm), bins=bins, histtype="step", lw=1.5,
                 label=f"{condition} (median {frame['error_mm'].median():.1f} mm)")
-    ax.set(xlabel="keypoint error, mm (3D)", ylabel="points", title="keypoint error")
+    ax.set(xlabel=f"keypoint error, mm (3D; the last bin holds >= {max_mm:g} mm)",
+           ylabel="points", title="keypoint error")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
