@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent
 ENTRY = "kernel_src.kernel"
 PACKAGE = "kernel_src"
 NEVER_INLINED = ("kernel_src.training", "kernel_src.synthetic", "kernel_src.viz",
+                 "kernel_src.report",
                  "kernel_src.demo")
 # Packages the kernel imports that Kaggle's image lacks: import name -> PyPI name.
 KAGGLE_LACKS = {"timm_3d": "timm-3d"}
@@ -418,6 +419,35 @@ def download_wheels(out: Path, manifest_path: Path, packages: list[str] | None =
 
 
 # ---------------------------------------------------------------- CLI
+def offline_command(cmd: list[str], scratch: Path) -> tuple[list[str], dict]:
+    """Wrap `cmd` to run with no network, as on Kaggle: a new network namespace with only
+    loopback (`unshare -n`) where this machine allows it, else a socket guard loaded at
+    the IPython kernel's start-up (KIT_SOCKET_GUARD=1 forces the guard). Returns the
+    command and its environment (PYTHONPATH removed, so the repository is not importable
+    from another directory)."""
+    import os
+    import shlex
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if shutil.which("unshare") and not os.environ.get("KIT_SOCKET_GUARD"):
+        probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            inner = "ip link set lo up && exec " + " ".join(map(shlex.quote, cmd))
+            return ["unshare", "-n", "sh", "-c", inner], env
+    startup = Path(scratch) / "ipython/profile_default/startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "00-no-network.py").write_text(
+        "import socket\n_connect = socket.socket.connect\n"
+        "def _guard(self, address):\n"
+        "    if self.family == socket.AF_UNIX or address[0] in ('127.0.0.1', '::1', "
+        "'localhost'):\n        return _connect(self, address)\n"
+        "    raise OSError(f'network disabled (offline run): {address}')\n"
+        "socket.socket.connect = _guard\n")
+    env["IPYTHONDIR"] = str(Path(scratch) / "ipython")
+    return cmd, env
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -228,37 +228,6 @@ def test_cli_help():
 
 
 # ---------------------------------------------------------------- the offline proof
-def _offline(cmd: list[str], tmp_path: Path) -> tuple[list[str], dict]:
-    """Wrap cmd to run with no network: a new network namespace (loopback only) when
-    `unshare -n` works here, else a socket guard in the IPython kernel's startup
-    (KIT_TEST_SOCKET_GUARD=1 forces the guard)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = None
-    if shutil.which("unshare") and not os.environ.get("KIT_TEST_SOCKET_GUARD"):
-        probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
-                               capture_output=True)
-    if probe is not None and probe.returncode == 0:
-        inner = "ip link set lo up && exec " + " ".join(map(_quote, cmd))
-        return ["unshare", "-n", "sh", "-c", inner], env
-    startup = tmp_path / "ipython/profile_default/startup"
-    startup.mkdir(parents=True)
-    (startup / "00-no-network.py").write_text(
-        "import socket\n_connect = socket.socket.connect\n"
-        "def _guard(self, address):\n"
-        "    if self.family == socket.AF_UNIX or address[0] in ('127.0.0.1', '::1', "
-        "'localhost'):\n        return _connect(self, address)\n"
-        "    raise OSError(f'network disabled in this test: {address}')\n"
-        "socket.socket.connect = _guard\n")
-    env["IPYTHONDIR"] = str(tmp_path / "ipython")
-    return cmd, env
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
 @pytest.fixture(scope="module")
 def kaggle_mounts(tmp_path_factory):
     """Phantom test studies, weights and wheels datasets laid out as Kaggle mounts them."""
@@ -301,7 +270,7 @@ def test_built_notebook_runs_offline_and_matches_the_source(kaggle_mounts, tmp_p
     cmd = [PY, "-m", "papermill", str(built["notebook"]), str(out_nb), "--cwd", str(work)]
     for key, value in params.items():
         cmd += ["-p", key, str(value)] if key != "num_workers" else ["-p", key, "0"]
-    cmd, env = _offline(cmd, tmp_path)
+    cmd, env = bk.offline_command(cmd, tmp_path)
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     executed = nbformat.read(out_nb, as_version=4)
@@ -338,7 +307,7 @@ def test_wheels_cell_installs_a_missing_module_offline_only_from_the_wheels_dir(
     script = tmp_path / "cell.py"
     script.write_text(f"wheels_dir = {str(wheels)!r}\n" + cell +
                       "\nimport kit_fake_dep\nprint('IMPORTED', kit_fake_dep.__name__)\n")
-    cmd, env = _offline([str(venv / "bin/python"), str(script)], tmp_path)
+    cmd, env = bk.offline_command([str(venv / "bin/python"), str(script)], tmp_path)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install ['kit-fake-dep==0.1'] -> exit code 0" in out.stdout
