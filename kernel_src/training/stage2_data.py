@@ -15,6 +15,7 @@ int64 for the family's outputs.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,24 @@ def read_keypoints_csv(path: str | Path) -> dict[int, Keypoints]:
     return out
 
 
+def read_keypoints(sources: str | Path | Sequence[str | Path]) -> dict[int, Keypoints]:
+    """Stage-1 keypoints from one or several CSV paths or glob patterns (e.g.
+    "runs/phantom/sag2d_t2/*/oof_fold*.csv"), merged per point (most confident wins)."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    paths = []
+    for source in map(str, sources):
+        found = [Path(f) for f in sorted(glob.glob(source))] if glob.has_magic(source) \
+            else [Path(source)]
+        if not found:
+            raise FileNotFoundError(f"no stage-1 keypoints file matches {source!r}")
+        paths += found
+    merged: dict[int, Keypoints] = {}
+    for path in paths:
+        for sid, kp in read_keypoints_csv(path).items():
+            merged[sid] = merged[sid].merged(kp) if sid in merged else kp
+    return merged
+
+
 def ensure_cache(data_dir: str | Path, cache_dir: str | Path, size: int | None) -> pd.DataFrame:
     """The train cache index, building the cache first when it is missing."""
     try:
@@ -86,15 +105,15 @@ def ensure_cache(data_dir: str | Path, cache_dir: str | Path, size: int | None) 
 
 
 def load_records(data_dir: str | Path, cache_dir: str | Path, study_ids: Sequence[int],
-                 keypoints_csv: str | Path | None = None, size: int | None = None
-                 ) -> list[StudyRecord]:
+                 keypoints_csv=None, size: int | None = None) -> list[StudyRecord]:
     """StudyRecords of `study_ids` (in that order) from DATA/train.csv,
-    DATA/train_label_coordinates.csv and the cache (built when missing)."""
+    DATA/train_label_coordinates.csv, the cache (built when missing) and the stage-1
+    keypoints (`read_keypoints` sources, or None)."""
     data_dir = Path(data_dir)
     train = load_train(data_dir / "train.csv").set_index("study_id")
     coords = load_label_coordinates(data_dir / "train_label_coordinates.csv")
     index = ensure_cache(data_dir, cache_dir, size)
-    predicted = read_keypoints_csv(keypoints_csv) if keypoints_csv else {}
+    predicted = read_keypoints(keypoints_csv) if keypoints_csv else {}
     by_study = dict(tuple(coords.groupby("study_id")))
     records = []
     for sid in study_ids:

@@ -40,14 +40,14 @@ from .notebooks import NotebookSpec
 from .stage2_data import AugConfig, Stage2Dataset, StudyRecord, load_records, mixed_keypoints
 
 DEFAULTS: dict[str, Any] = {
-    "data_dir": "data/phantom",       # competition layout (train.csv, train_images/, ...)
-    "cache_dir": "data/phantom_cache",  # preprocess cache (built when missing)
-    "cache_size": None,               # in-plane size of the cache (None = native, as the kernel)
-    "runs_dir": "runs/phantom",       # runs/<name>: folds.csv and every model's outputs
+    "data_dir": "data/phantom",
+    "cache_dir": "data/phantom_cache",
+    "cache_size": None,
+    "runs_dir": "runs/phantom",
     "family": "v2",
-    "config": {},                     # overrides of the family's Config fields
-    "model_name": "",                 # output folder name; default: the config's backbone
-    "keypoints_csv": None,            # stage-1 out-of-fold keypoints (None: truth only)
+    "config": {},
+    "model_name": "",
+    "keypoints_csv": None,
     "fold": 0,
     "n_folds": 5,
     "epochs": 10,
@@ -55,10 +55,25 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "num_workers": 0,
     "device": "auto",
-    "num_threads": None,              # torch CPU threads (None: torch's default)
+    "num_threads": None,
     "seed": 0,
-    "max_studies": None,              # first N labelled studies only (smoke tests)
-    "augment": {},                    # overrides of stage2_data.AugConfig
+    "max_studies": None,
+    "augment": {},
+}
+COMMENTS: dict[str, str] = {
+    "data_dir": "competition layout (train.csv, train_images/, ...)",
+    "cache_dir": "preprocess cache (built when missing)",
+    "cache_size": "in-plane size of the cached stacks, None: native like the kernel",
+    "runs_dir": "runs/<name>: folds.csv and every model's outputs",
+    "config": "overrides of the family's Config fields",
+    "model_name": "output folder name; default: the config's backbone",
+    "keypoints_csv": "stage-1 OOF keypoints: CSV path / glob / list (None: truth only)",
+    "fold": "validation fold, 0 .. n_folds - 1",
+    "lr": "AdamW peak learning rate",
+    "device": "auto, cpu or cuda",
+    "num_threads": "torch CPU threads (None: torch's default)",
+    "max_studies": "first N labelled studies only (smoke tests)",
+    "augment": "overrides of stage2_data.AugConfig",
 }
 
 
@@ -174,7 +189,7 @@ def notebook_spec(family: str, config: dict[str, Any], description: str) -> Note
         description=description + "\n\nRun one fold per process: `papermill "
         f"notebooks/train_stage2_{family}.ipynb out.ipynb -p fold 1 -p epochs 25`.",
         module="kernel_src.training.train_stage2", function="train_fold",
-        parameters={**DEFAULTS, "family": family, "config": config})
+        parameters={**DEFAULTS, "family": family, "config": config}, comments=COMMENTS)
 
 
 NOTEBOOKS: list[NotebookSpec] = [
