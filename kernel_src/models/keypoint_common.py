@@ -13,7 +13,9 @@
   exp(-(e + s) / ERROR_SCALE), s = spread (std) of the fold models' coordinates.
 - Heads: "pool" = global pooling + linear (the original's direct regression); "soft_argmax"
   = a 1x1 conv on the last feature map, spatial softmax, expected unit position (integral
-  regression: also direct coordinate regression, far more data-efficient).
+  regression: also direct coordinate regression, far more data-efficient). Config
+  `feature_stage` = k builds the backbone with features_only / out_indices=(k,) (timm
+  stage k has stride 2**(k+1) on resnets), None uses the whole backbone.
 - Pixels enter networks as (v / 255 - 0.5) / 0.5 (Normalize(0.5, 0.5)).
 """
 
@@ -81,8 +83,9 @@ def pick_series(study: Study, description: str, prefer: list[int] | None = None
 class KeypointNet(nn.Module):
     """Backbone + keypoint head -> (B, P, D + 1): D unit coordinates and an error >= 0.
 
-    `backbone` is a timm / timm_3d model built with num_classes=0; input (B, C, H, W) or
-    (B, C, H, W, D) (depth last).
+    `backbone`: a timm / timm_3d model built with num_classes=0, or with features_only=True
+    (then its last returned map is used: an earlier stage gives a finer map for the
+    soft-argmax head). Input (B, C, H, W) or (B, C, H, W, D) (depth last).
     """
 
     def __init__(self, backbone: nn.Module, n_points: int, n_dims: int, head: str = "pool",
@@ -92,7 +95,12 @@ class KeypointNet(nn.Module):
             raise ValueError(f"unknown keypoint head {head!r} (known: {HEADS})")
         self.backbone, self.head_kind = backbone, head
         self.n_points, self.n_dims = n_points, n_dims
-        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.feature_maps = hasattr(backbone, "feature_info") and not hasattr(
+            backbone, "forward_head")
+        if self.feature_maps:
+            width = backbone.feature_info.channels()[-1]
+        else:
+            width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.drop = nn.Dropout(drop_rate)
         if head == "pool":
             self.head = nn.Linear(width, n_points * (n_dims + 1))
@@ -102,12 +110,17 @@ class KeypointNet(nn.Module):
             conv = nn.Conv2d if n_dims == 2 else nn.Conv3d
             self.head = conv(width, 2 * n_points, kernel_size=1)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) last feature map."""
+        return self.backbone(x)[-1] if self.feature_maps else self.backbone.forward_features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_kind == "pool":
-            out = self.head(self.drop(self.backbone(x))).view(-1, self.n_points,
-                                                              self.n_dims + 1)
+            feats = (self.feature_map(x).flatten(2).mean(-1) if self.feature_maps
+                     else self.backbone(x))
+            out = self.head(self.drop(feats)).view(-1, self.n_points, self.n_dims + 1)
             return torch.cat([0.5 + out[..., :-1], F.softplus(out[..., -1:])], dim=-1)
-        return self._soft_argmax(self.head(self.drop(self.backbone.forward_features(x))))
+        return self._soft_argmax(self.head(self.drop(self.feature_map(x))))
 
     def _soft_argmax(self, maps: torch.Tensor) -> torch.Tensor:
         b, p = maps.shape[0], self.n_points
@@ -121,6 +134,14 @@ class KeypointNet(nn.Module):
         coords = [(heat * grids[a].reshape(1, 1, -1)).sum(-1) for a in order]
         e = (heat * err).sum(-1, keepdim=True)
         return torch.cat([torch.stack(coords, -1), e], dim=-1).view(b, p, self.n_dims + 1)
+
+
+def backbone_kwargs(config) -> dict:
+    """Extra timm arguments for a config's `feature_stage` (None: the whole network)."""
+    stage = getattr(config, "feature_stage", None)
+    if stage is None:
+        return {"num_classes": 0}
+    return {"features_only": True, "out_indices": (int(stage),)}
 
 
 def keypoint_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

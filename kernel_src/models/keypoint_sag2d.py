@@ -25,6 +25,7 @@ from .keypoint_common import (
     SPINAL,
     KeypointNet,
     SagittalFamily,
+    backbone_kwargs,
     from_unit,
     to_unit,
 )
@@ -45,7 +46,8 @@ class Sag2D(SagittalFamily):
         n_slices: int = 10
         series: str = SAG_T2
         points: tuple[int, ...] = SPINAL
-        head: str = "pool"
+        head: str = "pool"               # "pool" | "soft_argmax" (keypoint_common)
+        feature_stage: int | None = None  # None: whole backbone; k: timm out_indices=(k,)
         loss: str = "l1"
         pretrained: bool = False
         weights_path: str | None = None
@@ -58,9 +60,9 @@ class Sag2D(SagittalFamily):
 
     @staticmethod
     def build(config: Config) -> KeypointNet:
-        backbone = create_backbone_2d(config.backbone, in_chans=1, num_classes=0,
-                                      pretrained=config.pretrained,
-                                      weights_path=config.weights_path)
+        backbone = create_backbone_2d(config.backbone, in_chans=1, pretrained=config.pretrained,
+                                      weights_path=config.weights_path,
+                                      **backbone_kwargs(config))
         return KeypointNet(backbone, len(config.points), 2, config.head, config.drop_rate)
 
     @staticmethod

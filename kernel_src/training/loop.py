@@ -55,6 +55,8 @@ class TrainConfig:
     checkpoint_name: str = "best.pt"  # best EMA weights (registry checkpoint)
     last_name: str = "last.pt"        # resume state
     log_every: int = 0              # print the loss every N steps (0: once per epoch)
+    precise_bn_batches: int = 0     # >0: recompute the EMA model's BatchNorm statistics
+                                    # on this many training batches before validating
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -198,6 +200,31 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, ema, 
     return total / count
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, loss_fn, device,
+                          n_batches: int, use_amp: bool = False) -> None:
+    """Precise BN: reset the BatchNorm running statistics of `model` and re-estimate them
+    (cumulative average) on up to `n_batches` training batches, fed through `loss_fn`
+    (its value is ignored). EMA-averaged weights and EMA-averaged running statistics do
+    not match after few steps; this makes eval-mode outputs those of the EMA weights."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or n_batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        with torch.autocast(device_type="cuda", enabled=use_amp):
+            loss_fn(model, to_device(batch, device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
 def _validate(ema: EMA, valid_fn: Callable[[nn.Module], dict]) -> dict:
     """Rank 0 validates; the result is broadcast to every rank."""
     result = [None]
@@ -244,6 +271,9 @@ def fit(model: nn.Module, train_loader: DataLoader, valid_fn: Callable[[nn.Modul
         ran += 1
         loss = _train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler,
                                 ema, config, device, epoch)
+        recalibrate_batchnorm(ema.module, train_loader, loss_fn, device,
+                              config.precise_bn_batches,
+                              config.amp and device.type == "cuda")
         metrics = _validate(ema, valid_fn)
         row = {"epoch": epoch, "train_loss": loss, "lr": scheduler.get_last_lr()[0], **metrics}
         state["history"].append(row)

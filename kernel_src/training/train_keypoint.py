@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 1e-2,
     "warmup_frac": 0.1,
     "ema_decay": 0.99,
+    "precise_bn_batches": 8,     # BatchNorm statistics of the EMA model re-estimated
     "batch_size": 16,
     "num_workers": 0,
     "device": "auto",            # auto: cuda when available (cuda:LOCAL_RANK under torchrun)
@@ -207,6 +208,7 @@ def _train_variant(family, trainer, config, run, p, train_ex, valid_ex, device) 
                           weight_decay=float(p["weight_decay"]),
                           warmup_frac=float(p["warmup_frac"]),
                           ema_decay=float(p["ema_decay"]), device=str(device),
+                          precise_bn_batches=int(p["precise_bn_batches"]),
                           resume=bool(p["resume"]), checkpoint_name=f"fold{k}.pt",
                           last_name=f"last_fold{k}.pt")
     fitted = loop.fit(family.build(config), loader, valid_fn, tc, trainer.loss(config),
