@@ -16,7 +16,9 @@ returned. `fit_and_write(params)` is what notebooks/fit_ensemble.ipynb calls.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,15 @@ def fit_and_write(params: dict[str, Any]) -> dict[str, Any]:
     return {"weights": weights, "blends": blends, "table": table, "manifest": str(path)}
 
 
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `python -m kernel_src.training.fit_ensemble --params '{"runs_dir": ...}'`."""
+    parser = argparse.ArgumentParser(prog="python -m kernel_src.training.fit_ensemble",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="{}", help="JSON object overriding DEFAULTS")
+    fit_and_write(json.loads(parser.parse_args(argv).params))
+    return 0
+
+
 NOTEBOOKS: list[NotebookSpec] = [NotebookSpec(
     filename="fit_ensemble.ipynb",
     title="Fit the stage-2 ensemble on out-of-fold predictions",
@@ -258,3 +269,7 @@ NOTEBOOKS: list[NotebookSpec] = [NotebookSpec(
     "`weights_manifest.json` (kernel_src/training/fit_ensemble.py).",
     module="kernel_src.training.fit_ensemble", function="fit_and_write",
     parameters=dict(DEFAULTS), result_name="ensemble")]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ the kernel will see), the ground truth otherwise.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -181,6 +182,21 @@ def train_fold(params: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    """CLI: train folds of one family; parameters as JSON (keys of `DEFAULTS`)."""
+    parser = argparse.ArgumentParser(prog="python -m kernel_src.training.train_stage2",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="{}", help="JSON object overriding DEFAULTS")
+    parser.add_argument("--folds", type=int, nargs="*", default=None,
+                        help="folds to train (default: every fold)")
+    args = parser.parse_args(argv)
+    params = json.loads(args.params)
+    n_folds = int(params.get("n_folds", DEFAULTS["n_folds"]))
+    for k in range(n_folds) if args.folds is None else args.folds:
+        train_fold({**params, "fold": k})
+    return 0
+
+
 def notebook_spec(family: str, config: dict[str, Any], description: str) -> NotebookSpec:
     """The `train_stage2_<family>.ipynb` spec: the DEFAULTS with this family and config."""
     return NotebookSpec(
@@ -206,3 +222,7 @@ NOTEBOOKS: list[NotebookSpec] = [
                   "across slices, fused with a sagittal T2 branch per level "
                   "(see kernel_src/models/grade_v24.py)."),
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
