@@ -70,15 +70,25 @@ def neighbours_25d(volume: np.ndarray, index: int) -> np.ndarray:
     return volume[picks]
 
 
-def soft_argmax(maps: torch.Tensor) -> torch.Tensor:
+def soft_argmax(maps: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Integral regression: (B, P, H, W[, D]) logits -> (B, P, 2|3) expected unit
-    (u = column, v = row[, w = slice]) under the spatial softmax of each map."""
+    (u = column, v = row[, w = slice]) under the spatial softmax of each map.
+
+    offsets (B, P, 2|3, H, W[, D]) (optional, same axis order as the output): a per-cell
+    correction in cells added to each cell centre before the expectation (sub-cell
+    precision on coarse feature maps)."""
     spatial = maps.shape[2:]
     heat = maps.flatten(2).float().softmax(-1)  # (B, P, N)
     grids = torch.meshgrid(*[(torch.arange(n, device=maps.device) + 0.5) / n for n in spatial],
                            indexing="ij")
     order = [1, 0, 2][: len(spatial)]  # spatial axes are (row, col[, slice])
-    return torch.stack([(heat * grids[a].reshape(1, 1, -1)).sum(-1) for a in order], -1)
+    coords = []
+    for d, a in enumerate(order):
+        cell = grids[a].reshape(1, 1, -1)
+        if offsets is not None:
+            cell = cell + offsets[:, :, d].flatten(2).float() / spatial[a]
+        coords.append((heat * cell).sum(-1))
+    return torch.stack(coords, -1)
 
 
 def feature_map_backbone(create, name: str, stride: int, in_chans: int, **kwargs):

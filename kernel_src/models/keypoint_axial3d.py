@@ -36,8 +36,9 @@ class Axial3DNet(nn.Module):
     head "pool": global pooling + linear (the original's direct regression); head
     "soft_argmax": a 1x1x1 conv on the feature map at `feature_stride` plus a learned
     per-point prior map (the mean shape, learned) gives one heat map per point, whose
-    spatial softmax expectation is the point (integral regression); the pooled map gives
-    the presence logits.
+    spatial softmax expectation is the point (integral regression), each cell centre moved
+    by a predicted sub-cell offset (3 more channels per point); the pooled map gives the
+    presence logits.
     """
 
     def __init__(self, backbone: nn.Module, channels: int, head: str, drop_rate: float,
@@ -53,7 +54,9 @@ class Axial3DNet(nn.Module):
             with torch.no_grad():  # start at the volume centre, presence 0.5
                 self.head.bias.view(N_POINTS, 4).copy_(torch.tensor([0.5, 0.5, 0.5, 0.0]))
         else:
-            self.heat = nn.Conv3d(channels, N_POINTS, kernel_size=1)
+            self.heat = nn.Conv3d(channels, N_POINTS * 4, kernel_size=1)
+            nn.init.zeros_(self.heat.weight[N_POINTS:])
+            nn.init.zeros_(self.heat.bias)
             self.prior = nn.Parameter(torch.zeros(1, N_POINTS, *map_shape))
             self.presence = nn.Linear(channels, N_POINTS)
 
@@ -67,8 +70,10 @@ class Axial3DNet(nn.Module):
         if prior.shape[2:] != fmap.shape[2:]:
             prior = F.interpolate(prior, size=fmap.shape[2:], mode="trilinear",
                                   align_corners=False)
-        heat = self.heat(fmap) + prior
-        return torch.cat([soft_argmax(heat), presence[..., None]], dim=-1)
+        maps = self.heat(fmap)
+        heat = maps[:, :N_POINTS] + prior
+        offsets = maps[:, N_POINTS:].unflatten(1, (N_POINTS, 3))
+        return torch.cat([soft_argmax(heat, offsets), presence[..., None]], dim=-1)
 
 
 @register_family

@@ -14,7 +14,9 @@
 2. Regressor (a second module of the same network, trained jointly): a timm 2D model
    regresses (x_left, y_left, x_right, y_right) in unit coordinates on the 2.5D slice nearest
    the level's grid position (mean of the two sides), `regressor_size` px; the world point
-   is that (x, y) on its stack at the side's own float slice.
+   is that (x, y) on its stack at the side's own float slice. Head "pool" (original:
+   pooled features + linear) or "soft_argmax" (left / right heat maps on the stride
+   `regressor_stride` map + learned prior + sub-cell offsets, see `axial_points`).
 One network, one Config: `AxialLevelNet.forward(batch)` runs both parts on a training batch,
 `infer` runs the sequence first, then the regressor on the chosen slices. Slices are in
 world order along z (never instance order).
@@ -26,13 +28,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..keypoints import Keypoints
 from ..schema import N_LEVELS
 from ..study import Study
-from .axial_points import N_POINTS, SUBARTICULAR, neighbours_25d, resize_slices, to_model_range
+from .axial_points import (
+    N_POINTS,
+    SUBARTICULAR,
+    feature_map_backbone,
+    neighbours_25d,
+    resize_slices,
+    soft_argmax,
+    to_model_range,
+)
 from .axial_sequence import AxialSequence, build_sequence
 from .backbones import create_backbone_2d
 from .registry import register_family
@@ -56,7 +67,8 @@ def relative_position_features(lengths: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class AxialLevelNet(nn.Module):
-    def __init__(self, encoder: nn.Module, regressor: nn.Module, config):
+    def __init__(self, encoder: nn.Module, regressor: nn.Module, config,
+                 regressor_channels: int = 0):
         super().__init__()
         hidden = config.hidden
         self.encoder = encoder
@@ -70,10 +82,17 @@ class AxialLevelNet(nn.Module):
                                                  enable_nested_tensor=False)
         self.level_head = nn.Linear(hidden, N_LEVELS + 1)
         self.point_head = nn.Linear(hidden, N_POINTS)
-        self.regressor = regressor
-        self.xy_head = nn.Linear(_features(regressor), 4)
-        nn.init.zeros_(self.xy_head.weight)
-        nn.init.constant_(self.xy_head.bias, 0.5)
+        self.regressor, self.regressor_head = regressor, config.regressor_head
+        if config.regressor_head == "pool":
+            self.xy_head = nn.Linear(_features(regressor), 4)
+            nn.init.zeros_(self.xy_head.weight)
+            nn.init.constant_(self.xy_head.bias, 0.5)
+        else:  # 2 heat maps (left, right) + their (u, v) sub-cell offsets, learned prior
+            self.xy_head = nn.Conv2d(regressor_channels, 6, kernel_size=1)
+            nn.init.zeros_(self.xy_head.weight[2:])
+            nn.init.zeros_(self.xy_head.bias)
+            cells = -(-config.regressor_size // config.regressor_stride)
+            self.xy_prior = nn.Parameter(torch.zeros(1, 2, cells, cells))
 
     def forward_sequence(self, slices: torch.Tensor, mask: torch.Tensor):
         """slices (B, N, 3, H, W) float, mask (B, N) bool (True = real position) ->
@@ -91,7 +110,15 @@ class AxialLevelNet(nn.Module):
 
     def forward_xy(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, R, R) float -> (B, 4) unit (x_left, y_left, x_right, y_right)."""
-        return self.xy_head(self.regressor(images).float())
+        if self.regressor_head == "pool":
+            return self.xy_head(self.regressor(images).float())
+        maps = self.xy_head(self.regressor(images)[-1]).float()
+        prior = self.xy_prior
+        if prior.shape[2:] != maps.shape[2:]:
+            prior = F.interpolate(prior, size=maps.shape[2:], mode="bilinear",
+                                  align_corners=False)
+        points = soft_argmax(maps[:, :2] + prior, maps[:, 2:].unflatten(1, (2, 2)))
+        return points.flatten(1)
 
     def forward(self, batch: dict) -> dict:
         """Training batch: slices (B, N, 3, H, W), mask (B, N), crops (B, 5, 3, R, R)."""
@@ -139,6 +166,8 @@ class AxialLevel:
         dropout: float = 0.1
         regressor_backbone: str = "densenet161"
         regressor_size: int = 224
+        regressor_head: str = "pool"    # "pool" (original) or "soft_argmax" (+ offsets)
+        regressor_stride: int = 16      # feature map of the soft_argmax regressor head
         pretrained: bool = False
         weights_path: str | None = None
         regressor_weights_path: str | None = None
@@ -147,9 +176,15 @@ class AxialLevel:
     def build(config: Config) -> AxialLevelNet:
         encoder = create_backbone_2d(config.backbone, in_chans=3, pretrained=config.pretrained,
                                      weights_path=config.weights_path)
-        regressor = create_backbone_2d(config.regressor_backbone, in_chans=3,
-                                       pretrained=config.pretrained,
-                                       weights_path=config.regressor_weights_path)
+        common = {"pretrained": config.pretrained, "weights_path": config.regressor_weights_path}
+        if config.regressor_head not in ("pool", "soft_argmax"):
+            raise ValueError(f"axial_level: unknown regressor_head {config.regressor_head!r}")
+        if config.regressor_head == "soft_argmax":
+            regressor, channels = feature_map_backbone(
+                create_backbone_2d, config.regressor_backbone, config.regressor_stride, 3,
+                **common)
+            return AxialLevelNet(encoder, regressor, config, channels)
+        regressor = create_backbone_2d(config.regressor_backbone, in_chans=3, **common)
         return AxialLevelNet(encoder, regressor, config)
 
     @staticmethod
