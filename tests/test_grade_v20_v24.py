@@ -7,12 +7,15 @@ out at the centre of its crop (and, for v24's right side, mirrored).
 """
 
 import dataclasses
+import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from stage2_phantom import phantom  # noqa: F401  (fixture)
 
-from kernel_src import schema
+from kernel_src import competition, crops, dicom, geometry, schema
 from kernel_src.keypoints import Keypoints
 from kernel_src.models import grade_v20, grade_v24, registry
 from kernel_src.study import Series, Stack, Study
@@ -336,3 +339,132 @@ def test_mirror_inputs_equal_the_inputs_of_the_mirrored_study(family, config):
     for key in got:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
     assert any(got[k].any() for k in got if "valid" not in k)
+
+
+# ---------------------------------------------------------------- phantom
+TINY_V20 = dict(backbone="test_resnet", crop_unit="mm", crop_h=50.0, crop_w=50.0, size=32,
+                dim=32, jitter_px=1.0)
+TINY_V24 = dict(axial_backbone="test_resnet", sag_backbone="test_resnet", crop_unit="mm",
+                crop_size=50.0, size=32, sag_slices=5, sag_crop_h=30.0, sag_crop_w=50.0,
+                sag_size_h=16, sag_size_w=32, dim=32, jitter_px=1.0)
+
+
+def phantom_studies(phantom, n=3):  # noqa: F811
+    """The first n phantom studies as read from DICOM, with truth landmarks as Keypoints."""
+    names = competition.series_by_study(competition.load_series_descriptions(
+        phantom / "train_series_descriptions.csv"))
+    landmarks = pd.read_csv(phantom / "truth" / "landmarks.csv")
+    for sid in sorted(names)[:n]:
+        kp = Keypoints()
+        for row in landmarks[landmarks["study_id"] == sid].itertuples(index=False):
+            index = schema.label_index(schema.TITLE_TO_CONDITION[row.condition],
+                                       schema.TITLE_TO_LEVEL[row.level])
+            kp.set(index, (row.x, row.y, row.z), 1.0, "truth")
+        yield dicom.read_study(phantom / "train_images", sid, names[sid]), kp
+
+
+def with_ramps(study, axis):
+    """A copy of the study whose pixels hold their own column ("x"), row ("y") or slice
+    ("z") index as float32, so a crop's centre pixel reports where it sampled."""
+    out = Study(study.study_id)
+    for sid, series in study.series.items():
+        stacks = []
+        for st in series.stacks:
+            s, h, w = st.shape
+            grids = np.meshgrid(np.arange(s), np.arange(h), np.arange(w), indexing="ij")
+            ramp = grids[{"z": 0, "y": 1, "x": 2}[axis]].astype(np.float32)
+            stacks.append(dataclasses.replace(st, pixels=ramp))
+        out.series[sid] = Series(series.study_id, sid, series.description, stacks)
+    return out
+
+
+def expected_projection(stacks, world):
+    """(nearest slice, x, y) in the stack that contains the point with the least off-plane
+    distance (geometry only); None when no stack contains it."""
+    found = []
+    for st in stacks:
+        z, x, y = (float(v) for v in geometry.world_to_pixel(st, world))
+        nearest, px, py, off = geometry.project_to_stack(st, world)
+        n, h, w = st.shape
+        if -0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5 and -0.5 <= z <= n - 0.5:
+            found.append((float(off), int(nearest), float(px), float(py)))
+    return min(found)[1:] if found else None
+
+
+def test_phantom_crops_centre_on_projected_truth_landmarks(phantom):  # noqa: F811
+    """On the phantom's real geometry (oblique stacks, several axial stacks), every crop of
+    both families around a truth landmark is centred within one pixel of the landmark's
+    projection, on its nearest slice; right-side axial crops too (mirroring keeps the
+    centre). Odd output sizes put a pixel exactly on the centre."""
+    v20s = [grade_v20.V20Config(**{**TINY_V20, "size": 21, "target": t})
+            for t in grade_v20.TARGETS]
+    v24 = grade_v24.V24Config(**{**TINY_V24, "size": 21, "sag_size_h": 11, "sag_size_w": 21})
+    checked = 0
+    for study, kp in phantom_studies(phantom):
+        ramps = {axis: with_ramps(study, axis) for axis in "xyz"}
+        cases = []   # (inputs key, crop index, series, label index)
+        for cfg in v20s:
+            series, conditions = grade_v20.TARGETS[cfg.target]
+            got = {a: grade_v20.V20.prepare_inputs(cfg, ramps[a], kp)["crops"] for a in "xyz"}
+            for i, c in enumerate(conditions):
+                for j, lv in enumerate(schema.LEVELS):
+                    cases.append((got, (i, j), series, schema.label_index(c, lv)))
+        got = {a: grade_v24.V24.prepare_inputs(v24, ramps[a], kp)["axial"] for a in "xyz"}
+        for side, c in enumerate(grade_v24.SIDES):
+            for j, lv in enumerate(schema.LEVELS):
+                cases.append((got, (side, j), schema.AXIAL_T2, schema.label_index(c, lv)))
+        for got, where, series, index in cases:
+            expected = expected_projection(crops.series_stacks(study, series), kp.world[index])
+            if expected is None:
+                continue
+            crop = {a: got[a][where] for a in "xyz"}
+            mid, centre = crop["x"].shape[0] // 2, crop["x"].shape[-1] // 2
+            assert crop["z"][mid, centre, centre] == pytest.approx(expected[0], abs=1e-3)
+            assert abs(crop["x"][mid, centre, centre] - expected[1]) < 1.0, (index, expected)
+            assert abs(crop["y"][mid, centre, centre] - expected[2]) < 1.0, (index, expected)
+            checked += 1
+    assert checked >= 60   # of 3 x 35 crops; the rest lie outside their series (quirks)
+
+
+def test_phantom_inputs_and_missing_series(phantom):  # noqa: F811
+    study, kp = next(phantom_studies(phantom))
+    v24 = grade_v24.V24Config(**TINY_V24)
+    inputs = grade_v24.V24.prepare_inputs(v24, study, kp)
+    assert inputs["axial_valid"].sum() >= 8 and inputs["sag_valid"].all()
+    assert inputs["axial"][inputs["axial_valid"] == 1].std() > 0.05
+    study.series = {k: s for k, s in study.series.items() if s.description != schema.SAG_T2}
+    no_t2 = grade_v24.V24.prepare_inputs(v24, study, kp)
+    assert not no_t2["sag_valid"].any() and not no_t2["sag"].any()
+    np.testing.assert_array_equal(no_t2["axial"], inputs["axial"])
+    spinal = grade_v20.V20.prepare_inputs(grade_v20.V20Config(**TINY_V20), study, kp)
+    assert not spinal["valid"].any()
+    model = registry.build_model("v20", grade_v20.V20Config(**TINY_V20))
+    logits = grade_v20.V20.infer([model], grade_v20.V20Config(**TINY_V20), study, kp)
+    assert np.isfinite(logits[:5]).all()     # masked inputs still give a defined output
+
+
+TRAINING_CASES = [
+    ("v20", {**TINY_V20, "target": "spinal"}, "spinal"),
+    ("v20", {**TINY_V20, "target": "foraminal"}, "foraminal"),
+    ("v24", TINY_V24, "subarticular"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,config,group", TRAINING_CASES)
+def test_short_training_beats_class_priors_on_its_labels(phantom, tmp_path, family,  # noqa: F811
+                                                          config, group):
+    from kernel_src.training.train_stage2 import train_fold
+
+    start = time.time()
+    metrics = train_fold(dict(
+        data_dir=str(phantom), cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
+        family=family, config=config, fold=0, n_folds=4, epochs=12, lr=2e-3, batch_size=4,
+        device="cpu", num_threads=1))
+    elapsed = time.time() - start
+    oof = pd.read_csv(metrics["checkpoint"].replace(".pt", ".csv").replace("fold0", "oof_fold0"))
+    graded = registry.get_family(family).label_indices(
+        registry.config_from_dict(family, config)).ravel()
+    assert set(oof["label"]) == {schema.LABEL_COLUMNS[i] for i in graded}
+    assert metrics["oof_metric"][group] < metrics["prior_metric"][group], metrics
+    assert elapsed < 90, f"training took {elapsed:.0f} s"
