@@ -110,7 +110,9 @@ def locate_axial_point(stacks: list[Stack], world) -> crops.PlanePoint | None:
     Among the stacks where the point projects inside the image and inside the slice
     range, the one with the smallest off-plane distance (mm from the nearest slice plane,
     `geometry.project_to_stack`) wins; when none contains it, `crops.locate_point`'s
-    nearest stack is returned (its crop is then masked). None for a NaN point or no stack.
+    nearest stack is returned (its crop is masked unless the point lies within
+    `slice_margin` slices of it: `roi_encoder.usable_point`). None for a NaN point or no
+    stack.
     """
     points = [crops.locate_point([stack], world) for stack in stacks]
     inside = [(float(geometry.project_to_stack(p.stack, world)[3]), i)
