@@ -96,6 +96,7 @@ class V20Net(nn.Module):
         feats = self.encoder(normalise_unit(crops.flatten(0, 2)), valid.flatten())
         feats = feats.reshape(b, n_seq, n_lvl, -1) + self.side[:n_seq]
         seq = feats.flatten(0, 1)
+        self.level_rnn.flatten_parameters()   # cuDNN: weights of EMA / loaded copies
         out, _ = self.level_rnn(seq)
         logits = self.head(out + self.skip(seq))
         return logits.reshape(b, n_seq, n_lvl, 3)

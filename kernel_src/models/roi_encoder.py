@@ -55,6 +55,7 @@ class CropEncoder(nn.Module):
             feats = self.proj(self.backbone(crops))
         else:
             per_slice = self.backbone(crops.reshape(n * z, 1, *crops.shape[2:]))
+            self.slice_rnn.flatten_parameters()   # cuDNN: weights of EMA / loaded copies
             seq, _ = self.slice_rnn(per_slice.reshape(n, z, -1))
             feats = self.proj(seq.mean(dim=1))
         feats = self.drop(feats)
