@@ -182,15 +182,62 @@ def train_fold(params: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+# Small CPU-sized models for the phantom competition (64-160 px images): every stage-2
+# family, trained on every fold by `train_recipe` (CLI `--recipe phantom`).
+_TINY_SAG = dict(sag_backbone="test_resnet", axial_backbone="test_resnet", sag_window="point",
+                 crop_unit="mm", sag_crop_h=30.0, sag_crop_w=30.0, sag_size=32, axial_crop=40.0,
+                 axial_size=32, axial_center="point", axial_slices=3, axial_dim=64, embed_dim=32)
+_TINY_V20 = dict(backbone="test_resnet", crop_unit="mm", crop_h=50.0, crop_w=50.0, size=32,
+                 dim=32)
+_TINY_V24 = dict(axial_backbone="test_resnet", sag_backbone="test_resnet", crop_unit="mm",
+                 crop_size=50.0, size=32, sag_slices=5, sag_crop_h=30.0, sag_crop_w=50.0,
+                 sag_size_h=16, sag_size_w=32, dim=32)
+RECIPES: dict[str, list[dict[str, Any]]] = {"phantom": [
+    {"family": "v2", "config": _TINY_SAG, "model_name": "tiny"},
+    {"family": "v20", "config": {**_TINY_V20, "target": "spinal"}, "model_name": "tiny_spinal"},
+    {"family": "v20", "config": {**_TINY_V20, "target": "foraminal"},
+     "model_name": "tiny_foraminal"},
+    {"family": "v24", "config": _TINY_V24, "model_name": "tiny"},
+]}
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "phantom": {"epochs": 30, "lr": 2e-3, "batch_size": 4, "num_threads": 1}}
+
+
+def train_recipe(name: str, params: dict[str, Any], folds=None) -> dict[str, Any]:
+    """Train every model of recipe `name` on every fold (or `folds`), then fit the
+    ensemble on their OOF logits (`fit_ensemble.fit_and_write`). params: `DEFAULTS` keys
+    shared by all models (data_dir, cache_dir, runs_dir, ...)."""
+    from .fit_ensemble import fit_and_write
+
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r} (known: {sorted(RECIPES)})")
+    base = {**RECIPE_DEFAULTS.get(name, {}), **params}
+    n_folds = int(base.get("n_folds", DEFAULTS["n_folds"]))
+    start, trained = time.time(), []
+    for entry in RECIPES[name]:
+        for k in range(n_folds) if folds is None else folds:
+            trained.append(train_fold({**base, **entry, "fold": k}))
+    seconds = time.time() - start
+    print(f"recipe {name}: {len(trained)} model folds trained in {seconds:.0f} s")
+    fit_params = {k: base[k] for k in ("data_dir", "runs_dir") if k in base}
+    return {"seconds": seconds, "folds": trained, "ensemble": fit_and_write(fit_params)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: train folds of one family; parameters as JSON (keys of `DEFAULTS`)."""
+    """CLI: train folds of one family, or every model of a recipe and the ensemble;
+    parameters as JSON (keys of `DEFAULTS`)."""
     parser = argparse.ArgumentParser(prog="python -m kernel_src.training.train_stage2",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="{}", help="JSON object overriding DEFAULTS")
     parser.add_argument("--folds", type=int, nargs="*", default=None,
                         help="folds to train (default: every fold)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="train every model of this recipe, then fit the ensemble")
     args = parser.parse_args(argv)
     params = json.loads(args.params)
+    if args.recipe:
+        train_recipe(args.recipe, params, args.folds)
+        return 0
     n_folds = int(params.get("n_folds", DEFAULTS["n_folds"]))
     for k in range(n_folds) if args.folds is None else args.folds:
         train_fold({**params, "fold": k})
