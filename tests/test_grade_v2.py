@@ -151,3 +151,39 @@ def test_short_training_beats_class_priors(phantom, tmp_path):  # noqa: F811
     assert oof["study_id"].nunique() == metrics["n_valid"] == 6
     assert metrics["oof_metric"]["total"] < metrics["prior_metric"]["total"], metrics
     assert elapsed < 150, f"training took {elapsed:.0f} s"
+
+
+def test_stage1_points_replace_truth_where_known_and_merge_across_files(tmp_path):
+    from kernel_src.training.stage2_data import mixed_keypoints, read_keypoints
+
+    truth = Keypoints()
+    truth.set(0, (1.0, 2.0, 3.0), 1.0, "truth")
+    truth.set(5, (4.0, 5.0, 6.0), 1.0, "truth")
+    spinal = Keypoints()
+    spinal.set(0, (1.5, 2.5, 3.5), 0.3, "sag2d_t2")
+    foraminal = Keypoints()
+    foraminal.set(7, (7.0, 8.0, 9.0), 0.9, "sag2d_t1")
+    foraminal.set(0, (9.0, 9.0, 9.0), 0.1, "sag2d_t1")  # less confident than the spinal file
+    for name, kp in (("a", spinal), ("b", foraminal)):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(kp.to_rows(42)).to_csv(tmp_path / name / "oof_fold0.csv", index=False)
+    predicted = read_keypoints(str(tmp_path / "*" / "oof_fold*.csv"))[42]
+    np.testing.assert_allclose(predicted.world[0], (1.5, 2.5, 3.5))
+    np.testing.assert_allclose(predicted.world[7], (7.0, 8.0, 9.0))
+    record = StudyRecord(42, None, np.zeros(25, np.int64), truth, predicted)
+    mixed = mixed_keypoints(record, True)
+    np.testing.assert_allclose(mixed.world[0], (1.5, 2.5, 3.5))   # predicted wins
+    np.testing.assert_allclose(mixed.world[5], (4.0, 5.0, 6.0))   # truth where none predicted
+    assert mixed.known.sum() == 3
+    assert mixed_keypoints(record, False) is truth
+    with pytest.raises(FileNotFoundError, match="no stage-1 keypoints"):
+        read_keypoints(str(tmp_path / "nothing*.csv"))
+
+
+def test_unknown_recipe_and_parameter_are_errors():
+    from kernel_src.training.train_stage2 import train_fold, train_recipe
+
+    with pytest.raises(KeyError, match="unknown recipe"):
+        train_recipe("nope", {})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        train_fold({"epochs": 1, "learning_rate": 0.1})
