@@ -35,6 +35,7 @@ from ..models.grade_common import class_weighted_ce
 from ..models.registry import config_from_dict, get_family, load_checkpoint
 from ..schema import LABEL_COLUMNS
 from ..submission import compute_priors
+from . import fit_ensemble
 from . import folds as folds_mod
 from .loop import TrainConfig, fit, make_loader, setup_distributed
 from .notebooks import NotebookSpec
@@ -104,11 +105,7 @@ def predict_logits(family, config, model, records: list[StudyRecord], device) ->
 def score_logits(logits: np.ndarray, labels: np.ndarray, priors: np.ndarray) -> dict[str, float]:
     """Official metric of softmax(logits) with NaN rows replaced by `priors` (25, 3);
     adds "score" = total (what model selection minimises)."""
-    graded = np.isfinite(logits).all(axis=-1, keepdims=True)
-    z = np.where(graded, logits, 0.0)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs = np.where(graded, z / z.sum(axis=-1, keepdims=True), priors[None])
-    result = metric.score_arrays(labels, probs)
+    result = fit_ensemble.score(logits, labels, priors)
     return {"score": result["total"], **result}
 
 
@@ -207,8 +204,6 @@ def train_recipe(name: str, params: dict[str, Any], folds=None) -> dict[str, Any
     """Train every model of recipe `name` on every fold (or `folds`), then fit the
     ensemble on their OOF logits (`fit_ensemble.fit_and_write`). params: `DEFAULTS` keys
     shared by all models (data_dir, cache_dir, runs_dir, ...)."""
-    from .fit_ensemble import fit_and_write
-
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r} (known: {sorted(RECIPES)})")
     base = {**RECIPE_DEFAULTS.get(name, {}), **params}
@@ -220,7 +215,7 @@ def train_recipe(name: str, params: dict[str, Any], folds=None) -> dict[str, Any
     seconds = time.time() - start
     print(f"recipe {name}: {len(trained)} model folds trained in {seconds:.0f} s")
     fit_params = {k: base[k] for k in ("data_dir", "runs_dir") if k in base}
-    return {"seconds": seconds, "folds": trained, "ensemble": fit_and_write(fit_params)}
+    return {"seconds": seconds, "folds": trained, "ensemble": fit_ensemble.fit_and_write(fit_params)}
 
 
 def main(argv: list[str] | None = None) -> int:
