@@ -114,13 +114,19 @@ class KeypointNet(nn.Module):
         """(B, C, *spatial) last feature map."""
         return self.backbone(x)[-1] if self.feature_maps else self.backbone.forward_features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_heatmaps: bool = False):
+        """(B, P, D + 1); with return_heatmaps (soft_argmax head only) also the heatmap
+        logits (B, P, *spatial) for an auxiliary heatmap loss."""
         if self.head_kind == "pool":
+            if return_heatmaps:
+                raise ValueError("the pool head has no heatmaps")
             feats = (self.feature_map(x).flatten(2).mean(-1) if self.feature_maps
                      else self.backbone(x))
             out = self.head(self.drop(feats)).view(-1, self.n_points, self.n_dims + 1)
             return torch.cat([0.5 + out[..., :-1], F.softplus(out[..., -1:])], dim=-1)
-        return self._soft_argmax(self.head(self.drop(self.feature_map(x))))
+        maps = self.head(self.drop(self.feature_map(x)))
+        out = self._soft_argmax(maps)
+        return (out, maps[:, : self.n_points]) if return_heatmaps else out
 
     def _soft_argmax(self, maps: torch.Tensor) -> torch.Tensor:
         b, p = maps.shape[0], self.n_points
@@ -161,6 +167,24 @@ def keypoint_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     coord = (per.mean(-1) * mask).sum() / n
     true_err = (coords - target).abs().mean(-1).detach()
     return coord + error_weight * ((err - true_err).abs() * mask).sum() / n
+
+
+def heatmap_loss(heat_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 sigma: float = 1.0) -> torch.Tensor:
+    """Cross entropy of the spatial softmax of heatmap logits (B, P, *spatial; spatial axes
+    (row, col[, slice])) against a Gaussian of `sigma` cells at the unit target (B, P, D)
+    = (u, v[, w]); masked mean over points. A dense signal that speeds up learning."""
+    spatial = heat_logits.shape[2:]
+    logp = heat_logits.float().flatten(2).log_softmax(-1)
+    grids = torch.meshgrid(*[(torch.arange(n, device=target.device) + 0.5) / n
+                             for n in spatial], indexing="ij")
+    order = [1, 0, 2][: len(spatial)]
+    d2 = sum(((grids[a].reshape(1, 1, -1) - target[..., c, None]) * n) ** 2
+             for a, c, n in zip(range(len(spatial)), order, spatial, strict=True))
+    weights = torch.exp(-d2 / (2 * sigma ** 2))
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+    ce = -(weights * logp).sum(-1)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
 def confidence(errors: np.ndarray, spread: np.ndarray) -> np.ndarray:

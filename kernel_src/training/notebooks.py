@@ -109,9 +109,12 @@ def all_specs() -> list[NotebookSpec]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="notebooks", help="directory for the .ipynb files")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="write only these notebook file names")
     args = parser.parse_args(argv)
     for spec in all_specs():
-        print(write_notebook(spec, args.out))
+        if args.only is None or spec.filename in args.only:
+            print(write_notebook(spec, args.out))
 
 
 if __name__ == "__main__":

@@ -99,11 +99,17 @@ def get_trainer(family: str) -> KeypointTrainer:
 
 
 def _sagittal_loss(config):
-    from ..models.keypoint_common import keypoint_loss
+    """Coordinate loss (config.loss) + config.heatmap_weight x heatmap cross entropy."""
+    from ..models.keypoint_common import heatmap_loss, keypoint_loss
 
     def loss_fn(model, batch):
-        return keypoint_loss(model(batch["image"]), batch["target"], batch["mask"],
-                             kind=config.loss)
+        if not config.heatmap_weight:
+            return keypoint_loss(model(batch["image"]), batch["target"], batch["mask"],
+                                 kind=config.loss)
+        out, heat = model(batch["image"], return_heatmaps=True)
+        return (keypoint_loss(out, batch["target"], batch["mask"], kind=config.loss)
+                + config.heatmap_weight * heatmap_loss(heat, batch["target"], batch["mask"],
+                                                       config.heatmap_sigma))
     return loss_fn
 
 
