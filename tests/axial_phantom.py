@@ -3,8 +3,8 @@
 Each study: one Axial T2 series (optionally split in two stacks) of uint8 slices along
 world z; a bright disc at each of the 5 levels (L1/L2 highest z, spacing ~30 mm, random
 offset) and two bright dots (the left / right subarticular points) on the disc's slices;
-a dark "sacrum" bar below L5/S1 so the order of levels is visible. Random in-plane offset,
-pixel spacing and slice spacing per study.
+a dark "sacrum" bar below L5/S1 so the order of levels is visible. Random in-plane offset
+(up to a quarter of the field of view), level spacing, pixel spacing and slice spacing per study.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def make_study(study_id: int, rng: np.random.Generator, size: int = 48, two_stac
     spacing = rng.uniform(2.2, 2.8)
     dz = rng.uniform(3.5, 4.5)
     top = rng.uniform(150, 170)
-    level_z = top - 30.0 * np.arange(5) + rng.normal(0, 1.5, 5)
+    level_z = top - rng.uniform(24, 36) * np.arange(5) + rng.normal(0, 1.5, 5)
     z0 = level_z[-1] - rng.uniform(10, 40)
     n = int(np.ceil((level_z[0] + rng.uniform(10, 40) - z0) / dz))
     x0, y0 = -size * spacing / 2 + rng.normal(0, 8, 2)
-    centre = np.array([x0 + size * spacing / 2 + rng.normal(0, 6),
-                       y0 + size * spacing / 2 + rng.normal(0, 6)])
+    shift = np.clip(rng.normal(0, 14, 2), -0.25 * size * spacing, 0.25 * size * spacing)
+    centre = np.array([x0, y0]) + size * spacing / 2 + shift
     stack = _stack(rng.normal(20, 6, (n, size, size)).clip(0), z0, dz, x0, y0, spacing)
     half = rng.uniform(9, 12)
     truth = np.full((10, 3), np.nan)

@@ -36,13 +36,13 @@ class Axial3DNet(nn.Module):
     head "pool": global pooling + linear (the original's direct regression); head
     "soft_argmax": a 1x1x1 conv on the feature map at `feature_stride` plus a learned
     per-point prior map (the mean shape, learned) gives one heat map per point, whose
-    spatial softmax expectation is the point (integral regression), each cell centre moved
-    by a predicted sub-cell offset (3 more channels per point); the pooled map gives the
-    presence logits.
+    spatial softmax expectation is the point (integral regression), optionally with each
+    cell centre moved by a predicted sub-cell offset (`offsets`, 3 more channels per point);
+    the pooled map gives the presence logits.
     """
 
     def __init__(self, backbone: nn.Module, channels: int, head: str, drop_rate: float,
-                 map_shape: tuple[int, int, int] = (1, 1, 1)):
+                 map_shape: tuple[int, int, int] = (1, 1, 1), offsets: bool = False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"axial3d: unknown head {head!r} (known: {HEADS})")
@@ -54,7 +54,8 @@ class Axial3DNet(nn.Module):
             with torch.no_grad():  # start at the volume centre, presence 0.5
                 self.head.bias.view(N_POINTS, 4).copy_(torch.tensor([0.5, 0.5, 0.5, 0.0]))
         else:
-            self.heat = nn.Conv3d(channels, N_POINTS * 4, kernel_size=1)
+            self.offsets = offsets
+            self.heat = nn.Conv3d(channels, N_POINTS * (4 if offsets else 1), kernel_size=1)
             nn.init.zeros_(self.heat.weight[N_POINTS:])
             nn.init.zeros_(self.heat.bias)
             self.prior = nn.Parameter(torch.zeros(1, N_POINTS, *map_shape))
@@ -72,7 +73,7 @@ class Axial3DNet(nn.Module):
                                   align_corners=False)
         maps = self.heat(fmap)
         heat = maps[:, :N_POINTS] + prior
-        offsets = maps[:, N_POINTS:].unflatten(1, (N_POINTS, 3))
+        offsets = maps[:, N_POINTS:].unflatten(1, (N_POINTS, 3)) if self.offsets else None
         return torch.cat([soft_argmax(heat, offsets), presence[..., None]], dim=-1)
 
 
@@ -92,6 +93,7 @@ class Axial3D:
         max_slices: int = 128           # the grid step grows for longer studies
         head: str = "pool"              # "pool" (original) or "soft_argmax"
         feature_stride: int = 16        # feature map of the soft_argmax head
+        offsets: bool = False           # soft_argmax: predicted sub-cell offsets
         pretrained: bool = False
         weights_path: str | None = None
         drop_rate: float = 0.0
@@ -108,7 +110,8 @@ class Axial3D:
             backbone = create_backbone_3d(config.backbone, in_chans=1, num_classes=0, **common)
             channels = getattr(backbone, "head_hidden_size", None) or backbone.num_features
             map_shape = (1, 1, 1)
-        return Axial3DNet(backbone, channels, config.head, config.drop_rate, map_shape)
+        return Axial3DNet(backbone, channels, config.head, config.drop_rate, map_shape,
+                          config.offsets)
 
     @staticmethod
     def sequence(study: Study, config: Config) -> AxialSequence | None:
