@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kernel_src.models import registry
+from kernel_src.models import registry, zoo  # noqa: F401  (zoo registers the families)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
