@@ -1,7 +1,7 @@
 """Stage-2 family `v20`: sagittal 3D regions of interest around the keypoints.
 
-Per level, `z_imgs` slices around the point's nearest slice, cropped (crop_h x crop_w
-pixels of the normalised study) and resized to `size` x `size`. `target` picks the model:
+Per level, `z_imgs` slices around the point's nearest slice, cropped (crop_h x crop_w in
+`crop_unit`: pixels of the normalised study or mm) and resized to `size` x `size`. `target` picks the model:
 - `"spinal"`: Sagittal T2/STIR crops around the 5 spinal points -> 1 sequence of 5 levels;
 - `"foraminal"`: Sagittal T1 crops around the 5 left and 5 right foraminal points -> 2
   sequences (left, right) of 5 levels, one shared network plus a learned side embedding.
@@ -11,7 +11,8 @@ then a bidirectional LSTM runs across the 5 levels (residual), and a linear head
 mirror images.
 
 Inputs (from `prepare_inputs`, shared by training and `infer`):
-  crops (n_seq, 5, z_imgs, size, size) uint8, valid (n_seq, 5) float32 (0 = unusable point).
+  crops (n_seq, 5, z_imgs, size, size) float32 in [0, 1], valid (n_seq, 5) float32
+  (0 = unusable point: the crop's features are replaced by a learned vector).
 Output of the module: (B, n_seq, 5, 3) logits; `label_indices(config)` maps them to
 `schema.LABEL_COLUMNS`.
 """
@@ -131,8 +132,8 @@ class V20:
         `z_imgs` nearest slices are cropped around its (x, y). A NaN point, a missing series
         or a point outside the image or more than `slice_margin` slices beyond the series
         gives a masked crop (valid 0).
-        `rng` turns on training augmentation: centre jitter +-config.jitter_px, rotation +-10 deg,
-        zoom +-10 %, and one horizontal flip (p 0.5) for the whole study.
+        `rng` turns on training augmentation: centre jitter +-config.jitter_px, rotation
+        +-10 deg, zoom +-10 %, and one horizontal flip (p 0.5) for the whole study.
         """
         series, conditions = TARGETS[config.target]
         stacks = crops.series_stacks(study, series)

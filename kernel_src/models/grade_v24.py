@@ -1,7 +1,8 @@
 """Stage-2 family `v24`: axial subarticular crops fused with a sagittal T2 branch.
 
 Per level and side, `z_imgs` axial slices around the subarticular point, cropped
-(crop_size x crop_size pixels of the normalised study) and resized to size x size. The
+(crop_size x crop_size in `crop_unit`: pixels of the normalised study or mm) and resized to
+size x size. The
 crops are put in a canonical orientation: the left side with the patient's left towards
 increasing column and posterior towards increasing row, the right side mirrored
 horizontally, so one network serves both sides. The axial branch is a `CropEncoder`
@@ -13,8 +14,9 @@ Both branches give `dim` features; Linear(2 * dim, 3) gives the logits per side 
 Flip TTA (vertical flip of the axial crops) averages the logits.
 
 Inputs (from `prepare_inputs`, shared by training and `infer`):
-  axial (2, 5, z_imgs, size, size) uint8, axial_valid (2, 5) float32 (side 0 left, 1 right),
-  sag (5, sag_slices, sag_size_h, sag_size_w) uint8, sag_valid (5,) float32.
+  axial (2, 5, z_imgs, size, size), axial_valid (2, 5) (side 0 left, 1 right),
+  sag (5, sag_slices, sag_size_h, sag_size_w), sag_valid (5,); float32, pixels in [0, 1],
+  valid 0 = unusable point (the crop's features are replaced by a learned vector).
 Output of the module: (B, 2, 5, 3) logits; `label_indices(config)` maps them to
 `schema.LABEL_COLUMNS`.
 """
