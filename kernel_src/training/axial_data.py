@@ -1,13 +1,14 @@
 """Training data and losses of the axial keypoint families (`axial3d`, `axial_level`).
 
-Both families read uint8 studies (from the preprocessing cache) and the labelled
-subarticular points of `train_label_coordinates.csv`, turned into world mm with
-`geometry.label_points_world` (so any stack, of any axial series, can be targeted).
-The input preparation is the family's own (`Axial3D.prepare_volume`,
-`keypoint_axial_level.build_sequence`): training and inference cannot drift apart.
+Both families read `keypoint_data.KeypointExample`s (uint8 studies from the preprocessing
+cache, labelled points in world mm), so any stack of any axial series can be targeted.
+The input preparation is the family's own (`Axial3D.sequence` / `prepare_volume`,
+`AxialLevel.sequence` / `regressor_image`, `axial_sequence.AxialSequence.encode`):
+training and inference cannot drift apart.
 
 Augmentations keep the points consistent: a horizontal flip maps u -> 1 - u and swaps
-left and right points; shifts move the points with the image; intensity jitter.
+left and right points; in-plane affines move the points with the image; intensity jitter.
+Losses follow the train loop's `loss_fn(model, batch)` contract.
 """
 
 from __future__ import annotations
