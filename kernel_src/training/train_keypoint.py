@@ -25,6 +25,7 @@ import importlib
 import json
 import random
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,16 @@ def study_ids_for_folds(data_dir: Path, source: KeypointSource) -> list[int]:
 
 
 # ------------------------------------------------------------------ training
+@contextmanager
+def _rank_zero_first():
+    """Under torchrun: rank 0 runs the block first, the other ranks after it."""
+    if loop.is_distributed() and loop.rank() != 0:
+        torch.distributed.barrier()
+    yield
+    if loop.is_distributed() and loop.rank() == 0:
+        torch.distributed.barrier()
+
+
 def train(params: dict | None = None) -> dict:
     """Train every selected variant of `family` on `fold`; returns run name -> metrics."""
     p = resolve_params(params)
@@ -174,10 +185,11 @@ def train(params: dict | None = None) -> dict:
     trainer = get_trainer(p["family"])
     configs = variant_configs(family, p)
     out = Path(p["out_dir"])
-    source = KeypointSource(p["data_dir"], p["cache_dir"], p["cache_size"])
-    folds = folds_mod.load_or_make_folds(out / "folds.csv",
-                                         study_ids_for_folds(Path(p["data_dir"]), source),
-                                         p["n_folds"], p["folds_seed"])
+    with _rank_zero_first():  # rank 0 builds the cache and the folds file, then the rest
+        source = KeypointSource(p["data_dir"], p["cache_dir"], p["cache_size"])
+        folds = folds_mod.load_or_make_folds(out / "folds.csv",
+                                             study_ids_for_folds(Path(p["data_dir"]), source),
+                                             p["n_folds"], p["folds_seed"])
     ids = source.study_ids()[: p["max_studies"]]
     train_ids, valid_ids = folds_mod.split(folds, int(p["fold"]), ids)
     if not train_ids or not valid_ids:
