@@ -126,16 +126,18 @@ def _grid_refs(slice_z: list[np.ndarray], grid: np.ndarray, step: float) -> np.n
 
 def build_sequence(study: Study, z_spacing: float, max_slices: int,
                    image_size: int) -> AxialSequence | None:
-    """All axial stacks of a study on one z grid of step max(z_spacing, span /
-    (max_slices - 1)) mm, slices resized to image_size; None without an axial slice."""
+    """All axial stacks of a study on one z grid from the lowest to the highest slice,
+    step <= max(z_spacing, span / (max_slices - 1)) mm (evenly dividing the span), slices
+    resized to image_size; None without an axial slice."""
     stacks = [t for t in axial_stacks(study) if t[2].pixels.shape[0] > 0]
     if not stacks:
         return None
     slice_z = [slice_centre_z(st) for _, _, st in stacks]
     lo = min(z.min() for z in slice_z)
     span = max(z.max() for z in slice_z) - lo
-    step = max(z_spacing, span / max(1, max_slices - 1))
-    grid = lo + step * np.arange(int(np.floor(span / step + 1e-6)) + 1)
+    n = int(np.ceil(span / max(z_spacing, span / max(1, max_slices - 1), 1e-6) - 1e-6)) + 1
+    grid = np.linspace(lo, lo + span, n)  # both ends included, step <= z_spacing
+    step = span / (n - 1) if n > 1 else z_spacing
     refs = _grid_refs(slice_z, grid, step)
     z = np.array([slice_z[k][s] for k, s in refs])
     order = np.argsort(z, kind="stable")
