@@ -19,9 +19,13 @@ TINY_V2 = dict(sag_backbone="test_resnet", axial_backbone="test_resnet", sag_win
 
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory):
-    """Directory of a 24-study phantom competition (64 px images, no test studies)."""
+    """Directory of a 24-study phantom competition (64 px images, no test studies).
+
+    Each test module that imports the fixture gets its own fixture definition, so the
+    phantom is written once under the session's base temp dir and reused."""
     from kernel_src.synthetic import generate_competition
 
-    out = tmp_path_factory.mktemp("stage2_phantom")
-    generate_competition(out, n_train=N_TRAIN, n_test=0, seed=SEED, size=SIZE)
+    out = tmp_path_factory.getbasetemp() / "stage2_phantom"
+    if not (out / "truth" / "landmarks.csv").is_file():
+        generate_competition(out, n_train=N_TRAIN, n_test=0, seed=SEED, size=SIZE)
     return out
