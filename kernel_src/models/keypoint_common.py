@@ -95,8 +95,10 @@ class KeypointNet(nn.Module):
             raise ValueError(f"unknown keypoint head {head!r} (known: {HEADS})")
         self.backbone, self.head_kind = backbone, head
         self.n_points, self.n_dims = n_points, n_dims
-        self.feature_maps = hasattr(backbone, "feature_info") and not hasattr(
-            backbone, "forward_head")
+        # features_only models carry a FeatureInfo (with .channels()); plain timm_3d
+        # models may lack forward_head but keep feature_info as a list of dicts.
+        self.feature_maps = hasattr(getattr(backbone, "feature_info", None), "channels") \
+            and not hasattr(backbone, "forward_head")
         if self.feature_maps:
             width = backbone.feature_info.channels()[-1]
         else:
