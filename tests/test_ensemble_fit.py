@@ -103,8 +103,18 @@ def test_fit_and_write_produces_a_valid_manifest(tmp_path):
     config = V2Config(**TINY_V2)
     write_run(runs, "good", config, study_ids, informative_logits(labels, 8), folds)
     write_run(runs, "noise", config, study_ids, noise_logits(labels, 9), folds)
+    # a stage-1 run (variant folder as train_keypoint writes it): listed with weight 1
+    from kernel_src.models.keypoint_sag2d import Sag2D
+    from kernel_src.models.registry import save_checkpoint
+
+    kp_config = Sag2D.Config(backbone="test_resnet", image_size=32)
+    save_checkpoint(runs / "sag2d_t2/test_resnet/fold0.pt", "sag2d", kp_config,
+                    Sag2D.build(kp_config))
     result = fit_and_write({"data_dir": str(data), "runs_dir": str(runs)})
     manifest = load_manifest(runs / "weights_manifest.json")
+    stage1 = [m for m in manifest.models if m.stage == 1]
+    assert [(m.name, m.family, m.folds[0].file) for m in stage1] == [
+        ("sag2d_t2_test_resnet", "sag2d", "sag2d_t2/test_resnet/fold0.pt")]
     validate_manifest(manifest, runs)
     by_name = {m.name: m for m in manifest.models}
     assert by_name["v2_good"].weight > by_name["v2_noise"].weight

@@ -177,31 +177,58 @@ def fit_ensemble(models: list[OOFModel], labels: np.ndarray, priors: np.ndarray
     return weights, blends, metric_table(models, weights, blends, labels, priors)
 
 
-def model_entry(model: OOFModel, weight: float, weights_dir: Path) -> ModelEntry:
-    """Manifest entry of a model: its fold<k>.pt files (relative to weights_dir, sha256)
-    and the config stored in its first checkpoint."""
+def checkpoint_entry(name: str, folder: Path, weight: float, weights_dir: Path) -> ModelEntry:
+    """Manifest entry of the fold<k>.pt files in `folder` (paths relative to weights_dir,
+    sha256); family, stage and config are read from the first checkpoint."""
     import torch
 
-    files = sorted(model.folder.glob("fold*.pt"), key=lambda p: int(p.stem[4:]))
+    files = sorted(Path(folder).glob("fold*.pt"), key=lambda p: int(p.stem[4:]))
     if not files:
-        raise FileNotFoundError(f"{model.folder}: no fold*.pt checkpoint")
-    config = torch.load(files[0], map_location="cpu", weights_only=False)["config"]
+        raise FileNotFoundError(f"{folder}: no fold*.pt checkpoint")
+    payload = torch.load(files[0], map_location="cpu", weights_only=False)
+    family = payload["family"]
     folds = tuple(FoldFile(int(p.stem[4:]), p.relative_to(weights_dir).as_posix(),
                            sha256_file(p)) for p in files)
-    return ModelEntry(model.name, 2, model.family, config, folds, float(weight))
+    return ModelEntry(name, FAMILIES[family].stage, family, payload["config"], folds,
+                      float(weight))
+
+
+def model_entry(model: OOFModel, weight: float, weights_dir: Path) -> ModelEntry:
+    """Manifest entry of a fitted stage-2 model."""
+    return checkpoint_entry(model.name, model.folder, weight, weights_dir)
+
+
+def keypoint_entries(runs_dir: Path) -> list[ModelEntry]:
+    """Entries (weight 1) of every stage-1 run under runs_dir: <run>/<backbone>/fold*.pt
+    whose checkpoints hold a stage-1 family (run = family or family_variant)."""
+    import torch
+
+    entries = []
+    for folder in sorted(Path(runs_dir).glob("*/*")):
+        first = next(iter(sorted(folder.glob("fold*.pt"))), None)
+        if first is None:
+            continue
+        family = torch.load(first, map_location="cpu", weights_only=False).get("family")
+        if family in FAMILIES and FAMILIES[family].stage == 1:
+            name = f"{folder.parent.name}_{folder.name}"
+            entries.append(checkpoint_entry(name, folder, 1.0, runs_dir))
+    return entries
 
 
 def write_manifest(path: Path, models: list[OOFModel], weights: Mapping[str, float],
                    blends: Mapping[str, Mapping[str, float]], weights_dir: Path,
                    defaults: Mapping[str, str]) -> Manifest:
-    """Put the fitted stage-2 entries and blends into the manifest at `path` (created with
-    `defaults` when absent); other entries (stage 1, other models) are kept."""
+    """Put the fitted stage-2 entries, the stage-1 runs found in weights_dir (unless
+    defaults["include_stage1"] is False) and the blends into the manifest at `path`
+    (created with `defaults` when absent); other entries already there are kept."""
     if path.is_file():
         base = load_manifest(path)
     else:
         base = Manifest(1, defaults["weights_dataset"], defaults["wheels_dataset"],
                         defaults["class_priors"])
     fitted = [model_entry(m, weights[m.name], weights_dir) for m in models]
+    if defaults.get("include_stage1", True):
+        fitted = keypoint_entries(weights_dir) + fitted
     names = {e.name for e in fitted}
     kept = [e for e in base.models if e.name not in names]
     manifest = dataclasses.replace(base, models=tuple(kept + fitted),
@@ -217,6 +244,7 @@ DEFAULTS: dict[str, Any] = {
     "weights_dataset": "your-kaggle-username/rsna-lumbar-weights",
     "wheels_dataset": "your-kaggle-username/rsna-lumbar-wheels",
     "class_priors": "class_priors.json",  # written into runs_dir when missing
+    "include_stage1": True,           # also list every stage-1 run under runs_dir
 }
 
 
