@@ -9,6 +9,7 @@ coordinate is only that slice's position.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,5 +54,24 @@ class Keypoints:
         return [
             {"study_id": int(study_id), "label": col, "x": w[0], "y": w[1], "z": w[2],
              "confidence": c, "source": s}
-            for col, w, c, s in zip(LABEL_COLUMNS, self.world, self.confidence, self.source)
+            for col, w, c, s in zip(LABEL_COLUMNS, self.world, self.confidence, self.source,
+                                    strict=True)
         ]
+
+
+def merge_weighted(parts: Iterable[tuple[Keypoints, float]]) -> Keypoints:
+    """Per point, the known point with the highest confidence x weight among `parts`
+    ((Keypoints, weight) pairs; the weight is the stage-1 entry's manifest weight, e.g.
+    its inverse held-out error, so confidences of different families need not be
+    calibrated against each other). Ties keep the earlier part; confidences are kept."""
+    out = Keypoints()
+    best = np.full(N_LABELS, -np.inf)
+    for part, weight in parts:
+        score = part.confidence * float(weight)
+        take = part.known & (score > best)
+        out.world[take] = part.world[take]
+        out.confidence[take] = part.confidence[take]
+        best[take] = score[take]
+        for i in np.flatnonzero(take):
+            out.source[i] = part.source[i]
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class FakeGrade:
             raise ValueError(f"no {config.needs} series")
         if not keypoints.known.any():
             raise ValueError("no keypoints")
-        time.sleep(config.delay_s)
+        _sleep(config.delay_s)
         feats = torch.tensor([[float(series[0].stacks[0].pixels.mean()) / 255.0,
                                float(np.nanmean(keypoints.world)) / 100.0]], device=device)
         out = torch.stack([m(feats)[0] for m in models]).mean(0)
@@ -273,21 +274,38 @@ def test_bad_manifest_stops_before_any_work(data_dir, tmp_path):
                            manifest_sha256="0" * 64))
 
 
+_sleep = time.sleep  # the fake models' delay; the time-guard tests make it virtual
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """The kernel's clock advances only by the fake models' delays: the time-guard tests
+    see exact per-study times whatever the load of the machine."""
+    state = {"now": 0.0}
+
+    def advance(seconds: float) -> None:
+        state["now"] += float(seconds)
+
+    monkeypatch.setattr(kernel, "clock", lambda: state["now"])
+    monkeypatch.setattr(sys.modules[__name__], "_sleep", advance)
+    return kernel.clock
+
+
 def _timed(name, delay, weight):
     return (name, FakeGrade, {"needs": SAG_T2, "delay_s": delay}, weight)
 
 
-def test_time_guard_drops_lowest_weight_model_and_finishes(tmp_path, caplog):
+def test_time_guard_drops_lowest_weight_model_and_finishes(tmp_path, caplog, virtual_clock):
     ids = tuple(range(101, 109))
     data = write_tiny_competition(tmp_path / "comp", ids)
     write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.6, 0.5),
                                    _timed("fast", 0.0, 1.0)], n_folds=1)
     caplog.set_level(logging.INFO, logger="kernel_src.kernel")
     budget = 4.0  # 8 studies x 0.6 s of "slow" alone would take 4.8 s
-    start = time.perf_counter()
+    start = virtual_clock()
     df = kernel.run(_params(data, tmp_path / "w", tmp_path / "sub.csv",
                             time_budget_s=budget, warmup_studies=2))
-    assert time.perf_counter() - start < budget
+    assert virtual_clock() - start < budget
     submission.validate_submission(df, list(ids))
     drops = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
     assert len(drops) == 1 and "slow (stage 2, weight 0.5)" in drops[0]
@@ -298,16 +316,16 @@ def test_time_guard_drops_lowest_weight_model_and_finishes(tmp_path, caplog):
         "the last study still has the fast model"
 
 
-def test_time_guard_last_resort_is_priors_for_the_rest(tmp_path, caplog):
+def test_time_guard_last_resort_is_priors_for_the_rest(tmp_path, caplog, virtual_clock):
     ids = tuple(range(201, 207))
     data = write_tiny_competition(tmp_path / "comp", ids)
     write_weights(tmp_path / "w", [STANDARD[0], _timed("slow", 0.8, 1.0)], n_folds=1)
     caplog.set_level(logging.INFO, logger="kernel_src.kernel")
     budget = 2.0  # 6 x 0.8 s would take 4.8 s
-    start = time.perf_counter()
+    start = virtual_clock()
     df = kernel.run(_params(data, tmp_path / "w", tmp_path / "sub.csv",
                             time_budget_s=budget, warmup_studies=1))
-    assert time.perf_counter() - start < budget
+    assert virtual_clock() - start < budget
     submission.validate_submission(df, list(ids))
     p = _probs(df)
     assert not np.allclose(p[0], [0.6, 0.3, 0.1]), "the first study was graded"

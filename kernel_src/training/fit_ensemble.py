@@ -199,7 +199,7 @@ def model_entry(model: OOFModel, weight: float, weights_dir: Path) -> ModelEntry
 
 
 def keypoint_entries(runs_dir: Path) -> list[ModelEntry]:
-    """Entries (weight 1) of every stage-1 run under runs_dir: <run>/<backbone>/fold*.pt
+    """Entries of every stage-1 run under runs_dir: <run>/<backbone>/fold*.pt
     whose checkpoints hold a stage-1 family (run = family or family_variant)."""
     import torch
 
@@ -211,8 +211,21 @@ def keypoint_entries(runs_dir: Path) -> list[ModelEntry]:
         family = torch.load(first, map_location="cpu", weights_only=False).get("family")
         if family in FAMILIES and FAMILIES[family].stage == 1:
             name = f"{folder.parent.name}_{folder.name}"
-            entries.append(checkpoint_entry(name, folder, 1.0, runs_dir))
+            entries.append(checkpoint_entry(name, folder, keypoint_weight(folder), runs_dir))
     return entries
+
+
+def keypoint_weight(folder: Path) -> float:
+    """A stage-1 run's merge weight: 1 / (its mean held-out median error in mm) from
+    metrics.json (written by train_keypoint), so the kernel prefers the more accurate
+    family per point; 1.0 when the run has no metrics."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        return 1.0
+    folds = json.loads(path.read_text()).values()
+    errors = [f["model"]["all"]["median_mm"] for f in folds
+              if np.isfinite(f.get("model", {}).get("all", {}).get("median_mm", np.nan))]
+    return 1.0 / max(float(np.mean(errors)), 0.1) if errors else 1.0
 
 
 def write_manifest(path: Path, models: list[OOFModel], weights: Mapping[str, float],
