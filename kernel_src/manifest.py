@@ -15,7 +15,9 @@ Schema (version 1), one JSON object:
      "config": {...},                              # family Config fields given to infer()
      "folds": [{"fold": 0, "file": "v2/convnext_nano/fold0.pt",   # relative to the
                 "sha256": "<64 hex>"}],                            # weights dir
-     "weight": 1.0}                                # ensemble weight within its family
+     "weight": 1.0}                                # stage 2: ensemble weight within its family;
+                                                   # stage 1: point-merge weight (confidence x
+                                                   # weight wins; fit: 1 / held-out median mm)
   ],
   "blends": {"spinal": {"v2": 0.59, "v20": 0.41}, ...}  # per condition group
 }                                                       # (schema.GROUPS): family -> weight
