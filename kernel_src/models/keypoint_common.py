@@ -195,11 +195,29 @@ def confidence(errors: np.ndarray, spread: np.ndarray) -> np.ndarray:
 
 
 class SagittalFamily:
-    """Shared inference of the sagittal families. Subclasses define `name`, `Config`,
-    `build`, `prepare(stack, config) -> (input uint8, context)`, `decode(stack, context,
+    """Shared model building and inference of the sagittal families. Subclasses define
+    `name`, `Config`, `n_dims`, `create_backbone` (timm 2D or timm_3d constructor),
+    `prepare(stack, config) -> (input uint8, context)` and `decode(stack, context,
     coords (P, D), config) -> world (P, 3)`."""
 
     name = ""
+    n_dims = 2
+    create_backbone = None
+
+    @classmethod
+    def variants(cls) -> dict:
+        """One model per series type: T2 -> 5 spinal points, T1 -> 10 foraminal points."""
+        return {"t2": cls.Config(series=SAG_T2, points=SPINAL),
+                "t1": cls.Config(series=SAG_T1, points=FORAMINAL)}
+
+    @classmethod
+    def build(cls, config) -> KeypointNet:
+        backbone = cls.create_backbone(config.backbone, in_chans=1,
+                                       pretrained=config.pretrained,
+                                       weights_path=config.weights_path,
+                                       **backbone_kwargs(config))
+        return KeypointNet(backbone, len(config.points), cls.n_dims, config.head,
+                           config.drop_rate)
 
     @classmethod
     def select(cls, study: Study, config, prefer: list[int] | None = None):

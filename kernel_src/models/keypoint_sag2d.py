@@ -17,15 +17,12 @@ import numpy as np
 
 from .. import geometry
 from ..preprocess import resize_volume
-from ..schema import SAG_T1, SAG_T2
+from ..schema import SAG_T2
 from ..study import Stack, Study
 from .backbones import create_backbone_2d
 from .keypoint_common import (
-    FORAMINAL,
     SPINAL,
-    KeypointNet,
     SagittalFamily,
-    backbone_kwargs,
     from_unit,
     to_unit,
 )
@@ -37,6 +34,7 @@ class Sag2D(SagittalFamily):
     name = "sag2d"
     stage = 1
     n_dims = 2
+    create_backbone = staticmethod(create_backbone_2d)
     depth_flip = False  # one slice: a lateral mirror would only relabel left/right
 
     @dataclass(frozen=True)
@@ -54,18 +52,6 @@ class Sag2D(SagittalFamily):
         pretrained: bool = False
         weights_path: str | None = None
         drop_rate: float = 0.0
-
-    @staticmethod
-    def variants() -> dict[str, Config]:
-        return {"t2": Sag2D.Config(series=SAG_T2, points=SPINAL),
-                "t1": Sag2D.Config(series=SAG_T1, points=FORAMINAL)}
-
-    @staticmethod
-    def build(config: Config) -> KeypointNet:
-        backbone = create_backbone_2d(config.backbone, in_chans=1, pretrained=config.pretrained,
-                                      weights_path=config.weights_path,
-                                      **backbone_kwargs(config))
-        return KeypointNet(backbone, len(config.points), 2, config.head, config.drop_rate)
 
     @staticmethod
     def centre_slice(n_slices_in_stack: int, config: Config) -> int:

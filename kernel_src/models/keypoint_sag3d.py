@@ -17,15 +17,12 @@ import torch.nn.functional as F
 
 from .. import geometry
 from ..preprocess import resize_volume
-from ..schema import SAG_T1, SAG_T2
+from ..schema import SAG_T2
 from ..study import Stack
 from .backbones import create_backbone_3d
 from .keypoint_common import (
-    FORAMINAL,
     SPINAL,
-    KeypointNet,
     SagittalFamily,
-    backbone_kwargs,
     from_unit,
     to_unit,
 )
@@ -37,6 +34,7 @@ class Sag3D(SagittalFamily):
     name = "sag3d"
     stage = 1
     n_dims = 3
+    create_backbone = staticmethod(create_backbone_3d)
     depth_flip = True  # mirroring the slices swaps left and right points
 
     @dataclass(frozen=True)
@@ -54,18 +52,6 @@ class Sag3D(SagittalFamily):
         pretrained: bool = False
         weights_path: str | None = None
         drop_rate: float = 0.0
-
-    @staticmethod
-    def variants() -> dict[str, Config]:
-        return {"t2": Sag3D.Config(series=SAG_T2, points=SPINAL),
-                "t1": Sag3D.Config(series=SAG_T1, points=FORAMINAL)}
-
-    @staticmethod
-    def build(config: Config) -> KeypointNet:
-        backbone = create_backbone_3d(config.backbone, in_chans=1, pretrained=config.pretrained,
-                                      weights_path=config.weights_path,
-                                      **backbone_kwargs(config))
-        return KeypointNet(backbone, len(config.points), 3, config.head, config.drop_rate)
 
     @staticmethod
     def prepare(stack: Stack, config: Config) -> tuple[np.ndarray, None]:
