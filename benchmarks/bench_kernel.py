@@ -29,26 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_src import kernel, submission  # noqa: E402
 from kernel_src.manifest import FoldFile, Manifest, ModelEntry, save_manifest, sha256_file  # noqa: E402
-from kernel_src.models import registry, zoo  # noqa: E402,F401
+from kernel_src.models import registry, zoo  # noqa: E402
 from kernel_src.schema import N_LABELS  # noqa: E402
 
-B2, B3 = "mobilenetv3_small_050", "efficientnet_b0"
-TINY = {  # small configs (as in tests/test_build_kernel.py), one per family
-    "sag2d": {"backbone": B2, "image_size": 64, "n_slices": 4},
-    "sag3d": {"backbone": B3, "image_size": 64, "depth": 8},
-    "axial3d": {"backbone": B3, "image_size": 64, "depth": 16},
-    "axial_level": {"backbone": B2, "image_size": 64, "hidden": 32, "regressor_backbone": B2,
-                    "regressor_size": 64, "max_slices": 32},
-    "v2": {"sag_backbone": B2, "axial_backbone": B2, "sag_size": 64, "axial_size": 64,
-           "axial_dim": 64, "embed_dim": 32},
-    "v20": {"backbone": B2, "size": 64, "dim": 32},
-    "v24": {"axial_backbone": B2, "sag_backbone": B2, "size": 64, "sag_size_h": 32,
-            "sag_size_w": 64, "dim": 32},
-}
+TINY = zoo.TINY_CONFIGS
 # Families whose model variants are config values rather than `variants()`.
 EXTRA_VARIANTS = {"v20": {"spinal": {"target": "spinal"}, "foraminal": {"target": "foraminal"}}}
-BLENDS = {"spinal": {"v2": 0.59, "v20": 0.41}, "foraminal": {"v2": 0.09, "v20": 0.91},
-          "subarticular": {"v2": 0.38, "v24": 0.62}}
+BLENDS = zoo.ORIGINAL_BLENDS
 
 
 def family_configs(name: str, preset: str) -> dict[str, object]:

@@ -20,7 +20,7 @@ import pytest
 import build_kernel as bk
 from kernel_src import kernel, submission
 from kernel_src.manifest import load_manifest, sha256_file
-from kernel_src.models import registry
+from kernel_src.models import registry, zoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_kernel as tk  # noqa: E402  (shared tiny-input writers and fake families)
@@ -28,21 +28,7 @@ import test_kernel as tk  # noqa: E402  (shared tiny-input writers and fake fami
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SLUG = "rsna-2024-lumbar-spine-degenerative-classification"
-B2, B3 = "mobilenetv3_small_050", "efficientnet_b0"  # tiny timm 2D / timm_3d backbones
-TINY_REAL = {  # every real family, small enough for this 2-core machine
-    "sag2d": {"backbone": B2, "image_size": 64, "n_slices": 4},
-    "sag3d": {"backbone": B3, "image_size": 64, "depth": 8},
-    "axial3d": {"backbone": B3, "image_size": 64, "depth": 16},
-    "axial_level": {"backbone": B2, "image_size": 64, "hidden": 32, "regressor_backbone": B2,
-                    "regressor_size": 64, "max_slices": 32},
-    "v2": {"sag_backbone": B2, "axial_backbone": B2, "sag_size": 64, "axial_size": 64,
-           "axial_dim": 64, "embed_dim": 32},
-    "v20": {"backbone": B2, "size": 64, "dim": 32},
-    "v24": {"axial_backbone": B2, "sag_backbone": B2, "size": 64, "sag_size_h": 32,
-            "sag_size_w": 64, "dim": 32},
-}
-BLENDS = {"spinal": {"v2": 0.59, "v20": 0.41}, "foraminal": {"v2": 0.09, "v20": 0.91},
-          "subarticular": {"v2": 0.38, "v24": 0.62}}
+TINY_REAL, BLENDS = zoo.TINY_CONFIGS, zoo.ORIGINAL_BLENDS
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
