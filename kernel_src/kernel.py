@@ -147,7 +147,8 @@ class DebugRecords:
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        columns = {"keypoints": ["study_id", "label", "x", "y", "z", "confidence", "source"],
+        columns = {"keypoints": ["study_id", "label", "x", "y", "z", "confidence", "source",
+                                 "nx", "ny", "nz"],
                    "logits": ["study_id", "model", "label", "logit_0", "logit_1", "logit_2"],
                    "timings": ["study_id", "step", "stage", "seconds"]}
         for name, cols in columns.items():

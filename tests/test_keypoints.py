@@ -34,3 +34,24 @@ def test_merge_weighted_keeps_known_points_and_ties_keep_the_first():
     assert out.source[0] == "a" and out.source[7] == "b"
     assert out.known.sum() == 2 and not out.known[[i for i in range(N_LABELS) if i not in
                                                     (0, 7)]].any()
+
+
+def test_planar_winner_takes_its_depth_from_the_best_3d_point():
+    """A 2D sagittal point (depth = its slice, not an estimate) that wins keeps its
+    in-plane position and moves along the slice normal to the 3D estimate's depth."""
+    i = label_index("left_neural_foraminal_narrowing", "l4_l5")
+    flat = Keypoints()
+    flat.set(i, (0.0, 10.0, 20.0), 0.9, "sag2d", normal=(1.0, 0.0, 0.0))
+    deep = Keypoints()
+    deep.set(i, (25.0, 13.0, 17.0), 0.9, "sag3d")
+    out = merge_weighted([(flat, 1.0), (deep, 0.5)])
+    np.testing.assert_allclose(out.world[i], (25.0, 10.0, 20.0))
+    assert out.source[i] == "sag2d+sag3d" and not out.planar[i]
+    # the 3D point wins outright when it scores higher
+    out = merge_weighted([(flat, 0.5), (deep, 1.0)])
+    np.testing.assert_allclose(out.world[i], (25.0, 13.0, 17.0))
+    # without any 3D estimate the planar point stays planar
+    alone = merge_weighted([(flat, 1.0)])
+    assert alone.planar[i] and alone.source[i] == "sag2d"
+    rows = alone.to_rows(5)
+    assert rows[i]["nx"] == 1.0 and np.isnan(rows[0]["nx"])

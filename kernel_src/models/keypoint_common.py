@@ -248,8 +248,10 @@ class SagittalFamily:
         coords, err, spread, context = cls.predict(models, config, stack, device)
         world = cls.decode(stack, context, coords, config)
         conf = confidence(err, spread)
+        # a 2D model places points on its input slice: their depth is not an estimate
+        normal = stack.normal if cls.n_dims == 2 else None
         for j, label in enumerate(config.points):
-            result.set(label, world[j], conf[j], f"{cls.name}:{series_id}")
+            result.set(label, world[j], conf[j], f"{cls.name}:{series_id}", normal)
         return result
 
     @classmethod

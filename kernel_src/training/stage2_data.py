@@ -60,7 +60,7 @@ def truth_keypoints(study: Study, coords: pd.DataFrame,
 
 def read_keypoints_csv(path: str | Path) -> dict[int, Keypoints]:
     """Stage-1 keypoints CSV (`Keypoints.to_rows`: study_id, label, x, y, z, confidence,
-    source) -> study_id -> Keypoints. Unknown label names are an error naming the row."""
+    source, optional nx, ny, nz of planar points) -> study_id -> Keypoints. Unknown label names are an error naming the row."""
     table = pd.read_csv(path)
     missing = {"study_id", "label", "x", "y", "z", "confidence"} - set(table.columns)
     if missing:
@@ -71,9 +71,11 @@ def read_keypoints_csv(path: str | Path) -> dict[int, Keypoints]:
             raise ValueError(f"{path}: row {i + 2}: unknown label {row.label!r}")
         kp = out.setdefault(int(row.study_id), Keypoints())
         source = getattr(row, "source", "stage1")
+        normal = tuple(getattr(row, k, np.nan) for k in ("nx", "ny", "nz"))
         kp.set(LABEL_COLUMNS.index(row.label), (row.x, row.y, row.z),
                0.0 if pd.isna(row.confidence) else row.confidence,
-               "" if pd.isna(source) else str(source))
+               "" if pd.isna(source) else str(source),
+               normal if np.isfinite(normal).all() else None)
     return out
 
 
