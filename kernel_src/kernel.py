@@ -43,7 +43,7 @@ from .manifest import (
     validate_manifest,
 )
 from .models import zoo  # noqa: F401  (registers every model family)
-from .models.registry import config_from_dict, get_family, load_checkpoint
+from .models.registry import config_from_dict, get_family, inference_config, load_checkpoint
 from .schema import COMPETITION_SLUG, LABEL_COLUMNS, N_LABELS
 
 LOG = logging.getLogger("kernel_src.kernel")
@@ -267,7 +267,7 @@ def load_models(manifest: Manifest, weights_dir: Path, device: torch.device) -> 
                 if payload["family"] != entry.family:
                     raise ValueError(f"{fold.file} holds family {payload['family']!r}")
                 folds.append(model)
-            config = config_from_dict(entry.family, entry.config)
+            config = inference_config(config_from_dict(entry.family, entry.config))
             loaded.append(LoadedModel(entry, get_family(entry.family), config, folds))
         except Exception as err:  # noqa: BLE001
             LOG.warning("model %s not loaded, left out: %s", entry.name, _describe(err))

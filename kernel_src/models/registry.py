@@ -92,10 +92,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     for key in ("family", "config", "state_dict"):
         if key not in payload:
             raise ValueError(f"checkpoint {path}: missing key {key!r}")
-    config = config_from_dict(payload["family"], payload["config"])
+    config = inference_config(config_from_dict(payload["family"], payload["config"]))
     model = build_model(payload["family"], config)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), config, payload
+
+
+# Config fields that only say where a backbone's STARTING weights came from in training.
+_INIT_FIELDS = {"pretrained": False, "weights_path": None}
+
+
+def inference_config(config):
+    """The config with its initial-weights fields neutralised (`pretrained=False`,
+    `weights_path=None`): a model rebuilt from a checkpoint takes every weight from the
+    state dict, so it never reaches for a hub (no internet on Kaggle) or for a local file
+    of the training machine."""
+    names = {f.name for f in dataclasses.fields(config)}
+    changes = {k: v for k, v in _INIT_FIELDS.items() if k in names}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 # The inference contract each family class implements (used by the kernel and by the
