@@ -273,11 +273,6 @@ def blank_panel(width: int, height: int, title: str, message: str) -> np.ndarray
     return with_title(canvas, title)
 
 
-def _pad_to_width(image: np.ndarray, width: int) -> np.ndarray:
-    pad = np.full((image.shape[0], width - image.shape[1], 3), 20, np.uint8)
-    return np.concatenate([image, pad], axis=1)
-
-
 def hstack_panels(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     """Panels side by side (bottom-padded to the tallest), `gap` dark columns between."""
     height = max(p.shape[0] for p in panels)
@@ -291,14 +286,10 @@ def hstack_panels(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 
 
 def vstack_panels(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
-    """Rows one under another (right-padded to the widest), `gap` dark rows between."""
-    width = max(r.shape[1] for r in rows)
-    parts = []
-    for i, r in enumerate(rows):
-        if i:
-            parts.append(np.full((gap, width, 3), 20, np.uint8))
-        parts.append(_pad_to_width(r, width))
-    return np.concatenate(parts)
+    """Rows one under another (right-padded to the widest), `gap` dark rows between:
+    `hstack_panels` of the transposed images."""
+    stacked = hstack_panels([r.transpose(1, 0, 2) for r in rows], gap)
+    return np.ascontiguousarray(stacked.transpose(1, 0, 2))
 
 
 # ----------------------------------------------------------------------------- figures
