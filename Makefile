@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Demo settings (override: make demo DEMO_ARGS="--train-studies 60")
 DEMO_ARGS ?=
 
-.PHONY: venv test demo lint kernel clean
+.PHONY: venv test demo keypoints lint kernel clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m kernel_src.demo $(DEMO_ARGS)
+
+# Stage 1 only: phantom, cache, the four keypoint families on the demo folds, held-out table
+keypoints: $(STAMP)
+	$(PY) -m kernel_src.demo --until stage1_table $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -168,7 +168,7 @@ def test_level_dataset_batches_and_losses(studies):
     ds3 = Axial3DDataset(examples(studies), TINY_3D, augment=True)
     items = [ds3[i] for i in range(len(ds3))]
     batch3 = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    assert torch.isfinite(axial3d_loss(Axial3D.build(TINY_3D), batch3))
+    assert torch.isfinite(axial3d_loss(TINY_3D)(Axial3D.build(TINY_3D), batch3))
     assert to_model_range(np.array([0, 255])).tolist() == [-1.0, 1.0]
 
 

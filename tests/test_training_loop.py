@@ -105,6 +105,16 @@ def test_resume_continues_from_last_epoch(tmp_path):
     assert straight["best_score"] == pytest.approx(resumed["best_score"], rel=1e-5)
 
 
+def test_resume_state_of_other_settings_is_not_resumed(tmp_path, capsys):
+    _fit(tmp_path, epochs=3)
+    _, again = _fit(tmp_path, epochs=3)  # same settings: nothing left to run
+    assert again["epochs_run"] == 0
+    _, other = _fit(tmp_path, epochs=3, lr=0.02)  # another schedule: trained afresh
+    assert other["epochs_run"] == 3 and [h["epoch"] for h in other["history"]] == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "other settings (lr)" in out and "training from scratch" in out
+
+
 def test_cosine_with_warmup_shape():
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = loop.cosine_with_warmup(opt, total_steps=100, warmup_frac=0.1, min_lr_ratio=0.01)

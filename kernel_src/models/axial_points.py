@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..schema import AXIAL_T2, LEVELS, N_LEVELS, label_index
 from ..study import Stack, Study
+from .pyramid import pyramid_backbone, stage_maps
 
 SUBARTICULAR = np.array(
     [label_index("left_subarticular_stenosis", lv) for lv in LEVELS]
@@ -91,15 +92,18 @@ def soft_argmax(maps: torch.Tensor, offsets: torch.Tensor | None = None) -> torc
     return torch.stack(coords, -1)
 
 
-def feature_map_backbone(create, name: str, stride: int, in_chans: int, **kwargs):
+def feature_map_backbone(create, name: str, stride: int, in_chans: int, pyramid: int = 0,
+                         **kwargs):
     """A timm / timm_3d backbone (`create` = `backbones.create_backbone_2d|3d`) whose output
-    is a one-element list: the feature map at `stride`. Returns (module, channels);
-    ValueError naming the available strides."""
-    probe = create(name, in_chans=in_chans, features_only=True)
-    strides = list(probe.feature_info.reduction())
+    is a one-element list: the feature map at `stride` (with `pyramid` > 0: that map fused
+    with every deeper stage by a `pyramid.Pyramid` of that width). Returns (module,
+    channels); ValueError naming the available strides."""
+    strides, channels = stage_maps(create, name, in_chans)
     if stride not in strides:
         raise ValueError(f"backbone {name!r}: no feature map at stride {stride} "
                          f"(available: {strides})")
     index = strides.index(stride)
+    if pyramid:
+        return pyramid_backbone(create, name, index, int(pyramid), in_chans, **kwargs)
     model = create(name, in_chans=in_chans, features_only=True, out_indices=(index,), **kwargs)
-    return model, probe.feature_info.channels()[index]
+    return model, channels[index]

@@ -38,7 +38,8 @@ class Axial3DNet(nn.Module):
     per-point prior map (the mean shape, learned) gives one heat map per point, whose
     spatial softmax expectation is the point (integral regression), optionally with each
     cell centre moved by a predicted sub-cell offset (`offsets`, 3 more channels per point);
-    the pooled map gives the presence logits.
+    the pooled map gives the presence logits. With `pyramid` the map at `feature_stride`
+    also carries every deeper stage (`pyramid.Pyramid`): stride 2 resolves z to ~1 mm.
     """
 
     def __init__(self, backbone: nn.Module, channels: int, head: str, drop_rate: float,
@@ -61,9 +62,12 @@ class Axial3DNet(nn.Module):
             self.prior = nn.Parameter(torch.zeros(1, N_POINTS, *map_shape))
             self.presence = nn.Linear(channels, N_POINTS)
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        """volume (B, 1, H, W, D) float -> (B, 10, 4)."""
+    def forward(self, volume: torch.Tensor, return_heatmaps: bool = False):
+        """volume (B, 1, H, W, D) float -> (B, 10, 4); with return_heatmaps (soft_argmax
+        head only) also the heat map logits (B, 10, h, w, d) for an auxiliary loss."""
         if self.head_kind == "pool":
+            if return_heatmaps:
+                raise ValueError("axial3d: the pool head has no heat maps")
             return self.head(self.drop(self.backbone(volume))).view(-1, N_POINTS, 4)
         fmap = self.drop(self.backbone(volume)[-1])
         presence = self.presence(fmap.float().mean(dim=(2, 3, 4)))
@@ -74,7 +78,8 @@ class Axial3DNet(nn.Module):
         maps = self.heat(fmap)
         heat = maps[:, :N_POINTS] + prior
         offsets = maps[:, N_POINTS:].unflatten(1, (N_POINTS, 3)) if self.offsets else None
-        return torch.cat([soft_argmax(heat, offsets), presence[..., None]], dim=-1)
+        out = torch.cat([soft_argmax(heat, offsets), presence[..., None]], dim=-1)
+        return (out, heat) if return_heatmaps else out
 
 
 @register_family
@@ -94,6 +99,10 @@ class Axial3D:
         head: str = "pool"              # "pool" (original) or "soft_argmax"
         feature_stride: int = 16        # feature map of the soft_argmax head
         offsets: bool = False           # soft_argmax: predicted sub-cell offsets
+        pyramid: int = 0                # soft_argmax: >0 = width of a top-down pyramid
+                                        # fusing the deeper stages into that map
+        heatmap_weight: float = 0.0     # soft_argmax: weight of the auxiliary heatmap CE
+        heatmap_sigma: float = 1.0      # its Gaussian width, feature-map cells
         pretrained: bool = False
         weights_path: str | None = None
         drop_rate: float = 0.0
@@ -103,7 +112,8 @@ class Axial3D:
         common = {"pretrained": config.pretrained, "weights_path": config.weights_path}
         if config.head == "soft_argmax":
             backbone, channels = feature_map_backbone(create_backbone_3d, config.backbone,
-                                                      config.feature_stride, 1, **common)
+                                                      config.feature_stride, 1,
+                                                      pyramid=config.pyramid, **common)
             cells = (-(-config.image_size // config.feature_stride),) * 2
             map_shape = (*cells, -(-config.depth // config.feature_stride))
         else:

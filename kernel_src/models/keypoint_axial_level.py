@@ -168,6 +168,7 @@ class AxialLevel:
         regressor_size: int = 224
         regressor_head: str = "pool"    # "pool" (original) or "soft_argmax" (+ offsets)
         regressor_stride: int = 16      # feature map of the soft_argmax regressor head
+        regressor_pyramid: int = 0      # soft_argmax: >0 = width of a top-down pyramid
         pretrained: bool = False
         weights_path: str | None = None
         regressor_weights_path: str | None = None
@@ -182,7 +183,7 @@ class AxialLevel:
         if config.regressor_head == "soft_argmax":
             regressor, channels = feature_map_backbone(
                 create_backbone_2d, config.regressor_backbone, config.regressor_stride, 3,
-                **common)
+                pyramid=config.regressor_pyramid, **common)
             return AxialLevelNet(encoder, regressor, config, channels)
         regressor = create_backbone_2d(config.regressor_backbone, in_chans=3, **common)
         return AxialLevelNet(encoder, regressor, config)

@@ -46,6 +46,8 @@ class Sag2D(SagittalFamily):
         points: tuple[int, ...] = SPINAL
         head: str = "pool"               # "pool" | "soft_argmax" (keypoint_common)
         feature_stage: int | None = None  # None: whole backbone; k: timm out_indices=(k,)
+        pyramid: int = 0                  # >0 (with feature_stage): width of a top-down
+                                          # pyramid fusing the deeper stages into that map
         heatmap_weight: float = 0.0       # soft_argmax: weight of the auxiliary heatmap CE
         heatmap_sigma: float = 1.0        # its Gaussian width, feature-map cells
         loss: str = "l1"

@@ -30,6 +30,7 @@ from ..models.axial_points import (
 from ..models.axial_sequence import AxialSequence
 from ..models.keypoint_axial3d import Axial3D
 from ..models.keypoint_axial_level import BACKGROUND, AxialLevel
+from ..models.keypoint_common import heatmap_loss
 from ..schema import N_LEVELS
 from .keypoint_data import (
     KeypointExample,
@@ -112,15 +113,27 @@ class Axial3DDataset(Dataset):
         return (uvw * w).sum(0) / np.maximum(w.sum(0), 1)
 
 
-def axial3d_loss(model, batch: dict, beta: float = 0.02) -> torch.Tensor:
-    """SmoothL1 on unit coordinates of labelled points inside the stack + BCE presence."""
-    out = model(batch["volume"]).float()
-    known, present = batch["known"], batch["present"]
-    coord_w = (known * present)[..., None].expand_as(batch["uvw"])
-    coord = F.smooth_l1_loss(out[..., :3], batch["uvw"], beta=beta, reduction="none")
-    coord = (coord * coord_w).sum() / coord_w.sum().clamp(min=1) / beta
-    bce = F.binary_cross_entropy_with_logits(out[..., 3], present, reduction="none")
-    return coord + (bce * known).sum() / known.sum().clamp(min=1)
+def axial3d_loss(config, beta: float = 0.02):
+    """loss_fn(model, batch): SmoothL1 on unit coordinates of labelled points inside the
+    stack + BCE presence (+ config.heatmap_weight x the heat maps' cross entropy against a
+    Gaussian at each such point, `keypoint_common.heatmap_loss`)."""
+    weight = float(getattr(config, "heatmap_weight", 0.0) or 0.0)
+
+    def loss_fn(model, batch: dict) -> torch.Tensor:
+        out = model(batch["volume"], return_heatmaps=True) if weight else model(batch["volume"])
+        out, heat = out if weight else (out, None)
+        out = out.float()
+        known, present = batch["known"], batch["present"]
+        coord_w = (known * present)[..., None].expand_as(batch["uvw"])
+        coord = F.smooth_l1_loss(out[..., :3], batch["uvw"], beta=beta, reduction="none")
+        coord = (coord * coord_w).sum() / coord_w.sum().clamp(min=1) / beta
+        bce = F.binary_cross_entropy_with_logits(out[..., 3], present, reduction="none")
+        total = coord + (bce * known).sum() / known.sum().clamp(min=1)
+        if weight:
+            total = total + weight * heatmap_loss(heat, batch["uvw"], known * present,
+                                                  config.heatmap_sigma)
+        return total
+    return loss_fn
 
 
 # ------------------------------------------------------------------------- axial_level

@@ -14,7 +14,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -120,3 +124,31 @@ def summary_line(name: str, result: dict) -> str:
         line += (f" | mean-shape baseline: median {b['median_mm']:.2f} mm, "
                  f"p90 {b['p90_mm']:.2f} mm, level acc {b['level_acc']:.3f}")
     return line
+
+
+# Targets of the stage-1 acceptance check (issue 4): beat the mean-shape baseline's median
+# error by this factor, with at least this level accuracy.
+TARGET_RATIO = 2.0
+TARGET_LEVEL_ACC = 0.95
+
+
+def results_table(runs_dir) -> pd.DataFrame:
+    """One row per stage-1 run and fold found under `runs_dir/<run>/<backbone>/metrics.json`
+    (written by train_keypoint): held-out model and baseline median / p90 mm, their ratio,
+    level accuracy and whether both targets are met. Stage-2 runs (no baseline) are
+    skipped."""
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/*/metrics.json")):
+        for fold, result in sorted(json.loads(path.read_text()).items()):
+            if not isinstance(result, dict) or "baseline" not in result:
+                continue
+            m, b = result["model"]["all"], result["baseline"]["all"]
+            ratio = b["median_mm"] / m["median_mm"] if m["median_mm"] > 0 else float("inf")
+            rows.append({"run": path.parent.parent.name, "backbone": path.parent.name,
+                         "fold": fold, "n": m["n"], "median_mm": m["median_mm"],
+                         "p90_mm": m["p90_mm"], "baseline_median_mm": b["median_mm"],
+                         "ratio": ratio, "level_acc": m["level_acc"],
+                         "seconds": result.get("train", {}).get("seconds", float("nan")),
+                         "ok": bool(ratio >= TARGET_RATIO
+                                    and m["level_acc"] >= TARGET_LEVEL_ACC)})
+    return pd.DataFrame(rows)

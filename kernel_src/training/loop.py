@@ -8,7 +8,8 @@
 - after every epoch `valid_fn(ema_model) -> dict` with a `"score"` (lower is better); the best
   EMA weights go to `out_dir/<checkpoint_name>` through `models.registry.save_checkpoint`,
   and `out_dir/<last_name>` holds everything needed to resume (model, EMA, optimizer,
-  scheduler, scaler, epoch, history);
+  scheduler, scaler, epoch, history, and the settings it was written with: a resume state
+  of another model config or schedule is not resumed, the run starts afresh and says why);
 - under `torchrun` (an initialised process group): DistributedDataParallel, the loader's
   DistributedSampler gets `set_epoch`, only rank 0 validates and writes, and the validation
   result is broadcast so every rank returns the same dict.
@@ -265,7 +266,8 @@ def fit(model: nn.Module, train_loader: DataLoader, valid_fn: Callable[[nn.Modul
              "history": []}
     last_path = out_dir / config.last_name
     if config.resume and last_path.is_file():
-        state = _resume(last_path, model, ema, optimizer, scheduler, scaler, device)
+        state = _resume(last_path, model, ema, optimizer, scheduler, scaler, device,
+                        _settings(config, model_config)) or state
     start, ran = time.time(), 0
     for epoch in range(state["epoch"] + 1, config.epochs):
         ran += 1
@@ -287,8 +289,9 @@ def fit(model: nn.Module, train_loader: DataLoader, valid_fn: Callable[[nn.Modul
             if improved:
                 _save_best(out_dir / config.checkpoint_name, ema.module, family, model_config,
                            {**metrics, "epoch": epoch})
-            _save_last(last_path, _last_state(model, ema, optimizer, scheduler, scaler,
-                                              state, config))
+            _save_last(last_path, {**_last_state(model, ema, optimizer, scheduler, scaler,
+                                                 state, config),
+                                   "settings": _settings(config, model_config)})
         if is_distributed():
             dist.barrier()
     return {"best_score": state["best_score"], "best_epoch": state["best_epoch"],
@@ -304,8 +307,37 @@ def _last_state(model, ema, optimizer, scheduler, scaler, state, config) -> dict
             "train_config": dataclasses.asdict(config), **state}
 
 
-def _resume(path: Path, model, ema, optimizer, scheduler, scaler, device) -> dict:
+# TrainConfig fields that shape the optimisation: a resume state written with other values
+# would continue a different run.
+_SCHEDULE_FIELDS = ("epochs", "lr", "weight_decay", "warmup_frac", "min_lr_ratio",
+                    "ema_decay")
+
+
+def _settings(config: TrainConfig, model_config) -> dict:
+    """What a resume state must have been written with: model config and schedule."""
+    model = (registry.config_to_dict(model_config)
+             if dataclasses.is_dataclass(model_config) else model_config)
+    return {"model_config": model,
+            **{k: getattr(config, k) for k in _SCHEDULE_FIELDS}}
+
+
+def _resume(path: Path, model, ema, optimizer, scheduler, scaler, device, settings: dict
+            ) -> dict | None:
+    """Load a resume state into the objects and return the loop state; None (nothing
+    loaded) when it was written with other settings."""
     saved = torch.load(path, map_location=device, weights_only=False)
+    before = saved.get("settings")
+    if before is not None and before != settings:
+        changed = sorted(k for k in set(before) | set(settings)
+                         if before.get(k) != settings.get(k))
+        if changed == ["model_config"]:
+            old, new = before["model_config"] or {}, settings["model_config"] or {}
+            changed = [f"model_config.{k}" for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)]
+        if rank() == 0:
+            print(f"{path} was written with other settings ({', '.join(changed)}): "
+                  "not resumed, training from scratch", flush=True)
+        return None
     _unwrap(model).load_state_dict(saved["model"])
     ema.module.load_state_dict(saved["ema"])
     ema.updates = int(saved["ema_updates"])

@@ -53,7 +53,7 @@ def _loss(fn):
 train_keypoint.register_trainer("axial3d", train_keypoint.KeypointTrainer(
     make_dataset=lambda family, config, examples, augment: Axial3DDataset(examples, config,
                                                                          augment),
-    loss=_loss(axial3d_loss),
+    loss=axial3d_loss,
     baseline_models=lambda config, ds: [MeanShapeModel(ds.mean_target())],
 ))
 train_keypoint.register_trainer("axial_level", train_keypoint.KeypointTrainer(
