@@ -120,8 +120,10 @@ def axial3d_loss(config, beta: float = 0.02):
     weight = float(getattr(config, "heatmap_weight", 0.0) or 0.0)
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
-        out = model(batch["volume"], return_heatmaps=True) if weight else model(batch["volume"])
-        out, heat = out if weight else (out, None)
+        if weight:
+            out, heat = model(batch["volume"], return_heatmaps=True)
+        else:
+            out, heat = model(batch["volume"]), None
         out = out.float()
         known, present = batch["known"], batch["present"]
         coord_w = (known * present)[..., None].expand_as(batch["uvw"])
