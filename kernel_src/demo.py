@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-STEPS = ("generate", "cache", "stage1", "stage1_table", "stage1_oof", "stage2", "ensemble", "package",
-         "kernel", "score", "report")
+STEPS = ("generate", "cache", "stage1", "stage1_table", "stage1_oof", "stage2", "ensemble",
+         "package", "kernel", "score", "report")
 
 if __name__ == "__main__":
     main()

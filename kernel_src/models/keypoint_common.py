@@ -219,7 +219,7 @@ class SagittalFamily:
 
     @classmethod
     def build(cls, config) -> KeypointNet:
-        if getattr(config, "pyramid", 0):
+        if config.pyramid:
             if config.feature_stage is None:
                 raise ValueError(f"{cls.name}: pyramid needs a feature_stage (the map to "
                                  "fuse the deeper stages into)")
